@@ -1,0 +1,2050 @@
+#!/usr/bin/env python3
+"""authd: a login server for NGINX auth_request, in one standard-library file.
+
+NGINX asks ``GET /__auth/auth`` on every protected request; authd answers 200
+(with X-Auth-User) when the browser holds a valid signed session cookie, 401
+when it does not. authd also serves the login page, issues and refreshes the
+cookie, and logs out. Users live in a plain text file. See README.md.
+
+The file reads in the order data flows:
+settings -> users file -> password hashes -> tokens -> HTTP handler ->
+command line -> main.
+"""
+
+import argparse
+import base64
+import binascii
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import getpass
+import hashlib
+import hmac
+import html
+import ipaddress
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import socketserver
+import stat
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections import OrderedDict
+from http.server import ThreadingHTTPServer
+
+__version__ = "1.0.0"
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------------------
+# Logging: one line per event on stderr. Under systemd (JOURNAL_STREAM set)
+# each line starts with a syslog level such as <4>, which journald understands.
+# ---------------------------------------------------------------------------
+
+_LEVELS = {"error": 3, "warning": 4, "info": 6}
+_log_lock = threading.Lock()
+
+
+def log(level, message):
+    prefix = "<%d>" % _LEVELS[level] if os.environ.get("JOURNAL_STREAM") else ""
+    line = "%sauthd: %s\n" % (prefix, message)
+    with _log_lock:
+        try:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # a closed stderr must not take the server down
+
+
+def quoted(text):
+    """Attacker-supplied text for a log line: one line, quoted, escaped."""
+    return json.dumps(str(text)[:200])
+
+
+class Failure(Exception):
+    """An error for the operator: printed as one line, never a traceback."""
+
+
+# ---------------------------------------------------------------------------
+# Settings. Sources, highest first: command-line flags, environment, the .env
+# file, built-in defaults. Every value is checked at start-up, and a bad one is
+# reported by name.
+# ---------------------------------------------------------------------------
+
+SECRET_HINT = ("generate one with: python3 -c 'import secrets; "
+               "print(secrets.token_urlsafe(48))'")
+
+
+def _parse_bool(value):
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _parse_port(value):
+    if not value.strip().isdigit() or int(value) > 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+    return int(value)
+
+
+def _parse_days(value, allow_zero=False):
+    try:
+        days = float(value)
+    except ValueError:
+        raise ValueError("must be a number of days, such as 7 or 0.5") from None
+    if days != days or days in (float("inf"), float("-inf")) or days < 0 or (days == 0 and not allow_zero):
+        raise ValueError("must be a positive number of days" + (" or 0" if allow_zero else ""))
+    return days
+
+
+def _parse_positive_int(value, upper=10 ** 6):
+    if not value.strip().isdigit() or not 1 <= int(value) <= upper:
+        raise ValueError("must be a whole number from 1 to %d" % upper)
+    return int(value)
+
+
+def _parse_rate(value):
+    match = re.fullmatch(r"\s*(\d{1,9})\s*/\s*(\d{1,9})\s*", value)
+    if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        raise ValueError("must be ATTEMPTS/SECONDS, such as 15/900")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _parse_cookie_name(value):
+    if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}", value):
+        raise ValueError("must be a cookie name (letters, digits, -, _)")
+    return value
+
+
+def _parse_domain(value):
+    value = value.strip()
+    if value and not re.fullmatch(r"\.?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*", value):
+        raise ValueError("must be a domain name such as example.com")
+    return value or None
+
+
+def _parse_samesite(value):
+    for choice in ("Strict", "Lax", "None"):
+        if value.strip().lower() == choice.lower():
+            return choice
+    raise ValueError("must be Strict, Lax or None")
+
+
+def _parse_prefix(value):
+    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value):
+        raise ValueError("must be a path such as /__auth (no trailing slash)")
+    return value
+
+
+def _parse_secrets(value):
+    keys = [k for k in re.split(r"[,\s]+", value) if k]
+    if not keys:
+        return None
+    for key in keys:
+        if len(key) < 32:
+            raise ValueError("each secret must be at least 32 characters (one has %d); %s"
+                             % (len(key), SECRET_HINT))
+    return keys
+
+
+def _parse_mode(value):
+    if not re.fullmatch(r"0?[0-7]{3}", value.strip()):
+        raise ValueError("must be an octal file mode such as 0660")
+    return int(value, 8)
+
+
+def _parse_seconds(value):
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not 0 < seconds <= 86400:
+        raise ValueError("must be a number of seconds from 0 to 86400")
+    return seconds
+
+
+def _parse_cache_seconds(value):
+    if not value.strip().isdigit() or int(value) > 3600:
+        raise ValueError("must be a whole number of seconds from 0 to 3600")
+    return int(value)
+
+
+def _text(value):
+    return value
+
+
+def _optional_text(value):
+    return value or None
+
+
+# name: (default, parser, attribute, safe to change on SIGHUP)
+SETTINGS = {
+    "AUTH_HOST": ("127.0.0.1", _text, "host", False),
+    "AUTH_PORT": ("3003", _parse_port, "port", False),
+    "AUTH_SOCKET": ("", _optional_text, "socket", False),
+    "AUTH_SOCKET_MODE": ("0660", _parse_mode, "socket_mode", False),
+    "AUTH_TOKEN_SECRET": ("", _parse_secrets, "token_secrets", True),
+    "AUTH_SECRET_FILE": ("", _optional_text, "secret_file", False),
+    "AUTH_USERS_FILE": (os.path.join(HERE, "users.txt"), _text, "users_file", False),
+    "AUTH_BYPASS": ("", _optional_text, "bypass", True),
+    "AUTH_EXPIRY_DAYS": ("7", _parse_days, "expiry_days", True),
+    "AUTH_MAX_AGE_DAYS": ("30", lambda v: _parse_days(v, allow_zero=True), "max_age_days", True),
+    "AUTH_COOKIE_NAME": ("authToken", _parse_cookie_name, "cookie_name", True),
+    "AUTH_COOKIE_SECURE": ("true", _parse_bool, "cookie_secure", True),
+    "AUTH_COOKIE_DOMAIN": ("", _parse_domain, "cookie_domain", True),
+    "AUTH_COOKIE_SAMESITE": ("Lax", _parse_samesite, "cookie_samesite", True),
+    "AUTH_PREFIX": ("/__auth", _parse_prefix, "prefix", False),
+    "AUTH_LOGIN_RATE": ("15/900", _parse_rate, "login_rate", True),
+    "AUTH_MAX_CONNECTIONS": ("256", lambda v: _parse_positive_int(v, 10000), "max_connections", False),
+    "AUTH_CACHE_SECONDS": ("0", _parse_cache_seconds, "cache_seconds", True),
+    "AUTH_IDLE_TIMEOUT": ("75", _parse_seconds, "idle_timeout", True),
+    "AUTH_HEADER_TIMEOUT": ("10", _parse_seconds, "header_timeout", True),
+}
+
+
+class Settings:
+    """The checked settings, as attributes named in SETTINGS."""
+
+    def __init__(self, values, env_file):
+        for name, (_, _, attribute, _) in SETTINGS.items():
+            setattr(self, attribute, values[name])
+        self.env_file = env_file
+        if self.secret_file is None:
+            self.secret_file = os.path.join(os.path.dirname(os.path.abspath(self.users_file)), ".authd_secret")
+
+    def copy_unsafe_from(self, old):
+        """On reload, keep what cannot change while the server runs."""
+        changed = []
+        for name, (_, _, attribute, safe) in SETTINGS.items():
+            if not safe and getattr(self, attribute) != getattr(old, attribute):
+                changed.append(name)
+                setattr(self, attribute, getattr(old, attribute))
+        return changed
+
+
+class SettingsError(Failure):
+    def __init__(self, problems):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def parse_env_line(line):
+    """One .env line -> (key, value), or None for blanks and comments.
+
+    Raises ValueError for a line that is not KEY=value."""
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    if text.startswith("export ") or text.startswith("export\t"):
+        text = text[7:].lstrip()
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        raise ValueError("expected KEY=value")
+    value = value.strip()
+    if value[:1] in ("'", '"'):
+        end = value.find(value[0], 1)
+        if end < 0:
+            raise ValueError("unterminated quote in %s" % key)
+        rest = value[end + 1:].strip()
+        if rest and not rest.startswith("#"):
+            raise ValueError("text after the closing quote in %s" % key)
+        value = value[1:end]
+    else:
+        value = re.split(r"\s+#", value, maxsplit=1)[0].strip()
+    return key, value
+
+
+def read_env_file(path, required):
+    """The KEY=value pairs of a .env file; warnings for unknown AUTH_ keys."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read(1 << 20).splitlines()
+    except FileNotFoundError:
+        if required:
+            raise SettingsError(["%s: no such file (the --env option)" % path])
+        return {}, []
+    except (OSError, UnicodeDecodeError) as e:
+        raise SettingsError(["%s: cannot read: %s" % (path, getattr(e, "strerror", None) or e)])
+    values, problems, warnings = {}, [], []
+    for number, line in enumerate(lines, 1):
+        try:
+            pair = parse_env_line(line)
+        except ValueError as e:
+            problems.append("%s line %d: %s" % (path, number, e))
+            continue
+        if pair is None:
+            continue
+        key, value = pair
+        if key.startswith("AUTH_") and key not in SETTINGS:
+            warnings.append("%s line %d: unknown setting %s (ignored)" % (path, number, key))
+        values[key] = value
+    if problems:
+        raise SettingsError(problems)
+    return values, warnings
+
+
+def load_settings(flags=None, environ=None, env_file=None, env_required=False):
+    """Settings from flags > environment > .env > defaults. Raises SettingsError
+    naming every bad key; returns (settings, warnings)."""
+    flags = flags or {}
+    environ = os.environ if environ is None else environ
+    env_file = env_file or os.path.join(HERE, ".env")
+    file_values, warnings = read_env_file(env_file, env_required)
+    values, problems = {}, []
+    for name, (default, parse, _, _) in SETTINGS.items():
+        for source in (flags, environ, file_values):
+            if source.get(name) is not None:
+                raw = source[name]
+                break
+        else:
+            raw = default
+        try:
+            values[name] = parse(str(raw))
+        except ValueError as e:
+            problems.append("%s: %s (got %r)" % (name, e, raw if name not in ("AUTH_TOKEN_SECRET", "AUTH_BYPASS") else "..."))
+    if values.get("AUTH_COOKIE_SAMESITE") == "None" and values.get("AUTH_COOKIE_SECURE") is False:
+        problems.append("AUTH_COOKIE_SAMESITE: None needs AUTH_COOKIE_SECURE=true (browsers refuse it otherwise)")
+    if problems:
+        raise SettingsError(problems)
+    return Settings(values, env_file), warnings
+
+
+def load_secrets(settings, create=True):
+    """The HMAC keys: AUTH_TOKEN_SECRET, else the secret file (made on first start)."""
+    if settings.token_secrets:
+        return [k.encode("utf-8") for k in settings.token_secrets]
+    path = settings.secret_file
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(65536)
+    except FileNotFoundError:
+        if not create:
+            raise Failure("%s: no secret file yet (authd creates it on first start)" % path)
+        text = secrets.token_urlsafe(48)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return load_secrets(settings, create=False)  # another process just made it
+        except OSError as e:
+            raise Failure("%s: cannot create the secret file: %s (set AUTH_SECRET_FILE or AUTH_TOKEN_SECRET)"
+                          % (path, e.strerror))
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        log("info", "created a new secret in %s" % path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise Failure("%s: cannot read the secret file: %s" % (path, getattr(e, "strerror", None) or e))
+    try:
+        keys = _parse_secrets(text)
+    except ValueError as e:
+        raise Failure("%s: %s" % (path, e))
+    if not keys:
+        raise Failure("%s: the secret file is empty; delete it to have a new one made" % path)
+    return [k.encode("utf-8") for k in keys]
+
+
+# ---------------------------------------------------------------------------
+# Users file: "name:hash" or "name:hash:group1,group2" per line, # comments.
+# Edits are atomic (temporary file, fsync, rename) under a lock file, so a
+# crash leaves the old file or the new one, never half of one.
+# ---------------------------------------------------------------------------
+
+NAME_RE = re.compile(r"[^:,\s\x00-\x1f\x7f-\x9f]{1,64}")
+MAX_USERS_FILE = 16 << 20
+
+
+def valid_name(name):
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
+
+
+class User:
+    __slots__ = ("name", "hash", "groups", "admin", "fingerprint", "allow_headers")
+
+    def __init__(self, name, password_hash, groups):
+        self.name = name
+        self.hash = password_hash
+        self.groups = tuple(groups)
+        self.admin = "admin" in self.groups
+        # Tokens carry this fingerprint of the stored hash, so a new password
+        # (a new salt, a new hash) invalidates every older token.
+        self.fingerprint = base64.urlsafe_b64encode(
+            hashlib.sha256(password_hash.encode("utf-8")).digest()[:9]).decode("ascii")
+        # The hot path sends these bytes as they are.
+        self.allow_headers = ("X-Auth-User: %s\r\nX-Auth-Groups: %s\r\nX-Auth-Admin: %s\r\n" % (
+            name, ",".join(self.groups), "true" if self.admin else "false")).encode("utf-8")
+
+    def line(self):
+        return ":".join([self.name, self.hash] + ([",".join(self.groups)] if self.groups else []))
+
+
+class UsersFileError(Failure):
+    def __init__(self, problems):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def parse_user_line(line):
+    """One users-file line -> User, None (comment or blank), or ValueError.
+
+    A User whose hash does not start with $ or {SHA} holds a plaintext password
+    that the caller must hash (see is_plaintext)."""
+    if not line.strip() or line.lstrip().startswith("#"):
+        return None
+    fields = line.split(":")
+    if len(fields) < 2:
+        raise ValueError("expected name:hash or name:hash:groups")
+    if len(fields) > 3:
+        raise ValueError("too many ':' (expected name:hash or name:hash:groups)")
+    name, password_hash = fields[0], fields[1]
+    if not valid_name(name):
+        raise ValueError("bad user name %s: 1 to 64 characters, no ':', ',', spaces or control characters"
+                         % quoted(name))
+    if not password_hash:
+        raise ValueError("user %s has an empty password" % name)
+    groups = [g for g in fields[2].split(",")] if len(fields) == 3 and fields[2] else []
+    for group in groups:
+        if not valid_name(group):
+            raise ValueError("bad group name %s for user %s" % (quoted(group), name))
+    if not is_plaintext(password_hash):
+        check_hash_format(password_hash)
+    return User(name, password_hash, groups)
+
+
+def is_plaintext(field):
+    return not (field.startswith("$") or field.startswith("{SHA}"))
+
+
+def parse_users_text(text, path):
+    """The whole file -> (entries, users). entries keeps every line in order:
+    a str for comments and blanks, a User for users. Raises UsersFileError
+    listing every bad line."""
+    entries, users, problems, first_seen = [], {}, [], {}
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            user = parse_user_line(line)
+        except ValueError as e:
+            problems.append("%s line %d: %s" % (path, number, e))
+            continue
+        if user is None:
+            entries.append(line)
+            continue
+        if user.name in users:
+            problems.append("%s line %d: user %s is already on line %d" % (path, number, user.name, first_seen[user.name]))
+            continue
+        users[user.name] = user
+        first_seen[user.name] = number
+        entries.append(user)
+    if problems:
+        raise UsersFileError(problems)
+    return entries, users
+
+
+def read_users_file(path):
+    """(entries, users, stat) of the users file; an absent file has no users."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read(MAX_USERS_FILE + 1)
+    except FileNotFoundError:
+        return [], {}, None
+    except OSError as e:
+        raise UsersFileError(["%s: cannot read: %s" % (path, e.strerror)])
+    if len(data) > MAX_USERS_FILE:
+        raise UsersFileError(["%s: larger than %d MiB" % (path, MAX_USERS_FILE >> 20)])
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UsersFileError(["%s: not UTF-8 text (byte %d)" % (path, e.start)])
+    entries, users = parse_users_text(text, path)
+    return entries, users, st
+
+
+def render_users(entries):
+    return "".join((e.line() if isinstance(e, User) else e) + "\n" for e in entries)
+
+
+class UsersFileLock:
+    """An exclusive lock on PATH.lock, held while the file is read, changed and
+    replaced, so two editors (two adduser runs, or the server and adduser)
+    never lose each other's change."""
+
+    def __init__(self, path):
+        folder, base = os.path.split(os.path.abspath(path))
+        self.path = os.path.join(folder, "." + base + ".lock")
+
+    def __enter__(self):
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise Failure("%s: cannot create the lock file: %s (the folder must be writable)"
+                          % (self.path, e.strerror))
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+def _temp_prefix(path):
+    folder, base = os.path.split(os.path.abspath(path))
+    return folder, "." + base + ".tmp-"
+
+
+def remove_stale_temp_files(path):
+    """Temporary files left by a writer that was killed. Call with the lock held."""
+    folder, prefix = _temp_prefix(path)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
+def write_file_atomically(path, text, default_mode=0o600):
+    """Replace PATH with TEXT: a temporary file in the same folder, fsync,
+    rename, fsync of the folder. Keeps the old file's mode and owner."""
+    folder, prefix = _temp_prefix(path)
+    try:
+        st = os.stat(path)
+        mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
+    except FileNotFoundError:
+        mode, owner = default_mode, None
+    fd, temp = tempfile.mkstemp(dir=folder, prefix=prefix)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), mode)
+            if owner and hasattr(os, "fchown") and owner != (os.geteuid(), os.getegid()):
+                try:
+                    os.fchown(f.fileno(), *owner)
+                except PermissionError:
+                    pass
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def edit_users_file(path, change):
+    """Lock, read, call change(entries, users) -> message, write back atomically."""
+    with UsersFileLock(path):
+        remove_stale_temp_files(path)
+        entries, users, _ = read_users_file(path)
+        message = change(entries, users)
+        write_file_atomically(path, render_users(entries))
+        return message
+
+
+def hash_plaintext_lines(path):
+    """Replace plaintext passwords in the users file with scrypt hashes.
+    Returns the names that were converted."""
+    converted = []
+
+    def convert(entries, users):
+        for i, entry in enumerate(entries):
+            if isinstance(entry, User) and is_plaintext(entry.hash):
+                entries[i] = User(entry.name, hash_password(entry.hash), entry.groups)
+                converted.append(entry.name)
+
+    with UsersFileLock(path):
+        remove_stale_temp_files(path)
+        entries, users, _ = read_users_file(path)
+        convert(entries, users)
+        if converted:
+            write_file_atomically(path, render_users(entries))
+    return converted
+
+
+class UsersStore:
+    """The users the server answers from. Readers take self.users without a
+    lock: a reload swaps the whole dict at once."""
+
+    def __init__(self, path):
+        self.path = path
+        self.users = {}
+        self.signature = None
+
+    def _file_signature(self):
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def load(self):
+        """Read the file (hashing any plaintext passwords first). Raises
+        UsersFileError and keeps the users it had."""
+        signature = self._file_signature()
+        _, users, _ = read_users_file(self.path)
+        if any(is_plaintext(u.hash) for u in users.values()):
+            names = hash_plaintext_lines(self.path)
+            log("info", "hashed the plaintext passwords of %s in %s" % (", ".join(names), self.path))
+            signature = self._file_signature()
+            _, users, _ = read_users_file(self.path)
+        self.users, self.signature = users, signature
+        return users
+
+    def changed(self):
+        return self._file_signature() != self.signature
+
+    def upgrade_hash(self, name, password):
+        """After a login with a legacy or weaker hash: store a new scrypt hash."""
+        new_hash = hash_password(password)
+
+        def change(entries, users):
+            for i, entry in enumerate(entries):
+                if isinstance(entry, User) and entry.name == name:
+                    entries[i] = User(name, new_hash, entry.groups)
+
+        edit_users_file(self.path, change)
+        self.load()
+        return self.users.get(name)
+
+
+# ---------------------------------------------------------------------------
+# Password hashes. Native: scrypt in passlib's "$scrypt$ln=,r=,p=$salt$hash"
+# form. Legacy formats from htpasswd and crypt(3) verify too, and are replaced
+# by scrypt at the next successful login.
+# ---------------------------------------------------------------------------
+
+SCRYPT_LN, SCRYPT_R, SCRYPT_P = 17, 8, 1          # 128 MiB and ~0.4 s per hash
+SCRYPT_MAX_MEMORY = 1 << 30                        # refuse hashes that ask for more
+HASH_SLOTS = threading.BoundedSemaphore(2)         # scrypt runs at most this many at once
+HASH_WAIT = 10.0                                   # seconds a login waits for a slot
+SCRYPT_RE = re.compile(r"\$scrypt\$ln=(\d{1,2}),r=(\d{1,3}),p=(\d{1,2})\$([A-Za-z0-9+/.]{1,128})\$([A-Za-z0-9+/.]{16,128})")
+CRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$", "$5$", "$6$", "$y$")
+CRYPT_SAMPLES = {
+    "$2a$": "$2a$04$abcdefghijklmnopqrstuu", "$2b$": "$2b$04$abcdefghijklmnopqrstuu",
+    "$2y$": "$2y$04$abcdefghijklmnopqrstuu", "$5$": "$5$rounds=1000$abcdefgh",
+    "$6$": "$6$rounds=1000$abcdefgh", "$y$": "$y$j75$abcdefghijklmnop",
+}
+
+
+class HashBusy(Exception):
+    """Every hashing slot stayed taken for HASH_WAIT seconds."""
+
+
+def _b64_decode(text):
+    text = text.replace(".", "+")  # passlib's "adapted base64" uses . for +
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+def _b64_encode(data):
+    return base64.b64encode(data).decode("ascii").rstrip("=")
+
+
+def parse_scrypt_hash(value):
+    """-> (n, r, p, salt, checksum) or ValueError."""
+    match = SCRYPT_RE.fullmatch(value)
+    if not match:
+        raise ValueError("malformed $scrypt$ hash")
+    ln, r, p = int(match.group(1)), int(match.group(2)), int(match.group(3))
+    if not (1 <= ln <= 24 and 1 <= r <= 64 and 1 <= p <= 16) or 128 * r * (2 ** ln + p + 2) > SCRYPT_MAX_MEMORY:
+        raise ValueError("$scrypt$ parameters out of range (ln=%d, r=%d, p=%d)" % (ln, r, p))
+    try:
+        return 2 ** ln, r, p, _b64_decode(match.group(4)), _b64_decode(match.group(5))
+    except (binascii.Error, ValueError):
+        raise ValueError("malformed base64 in $scrypt$ hash") from None
+
+
+def scrypt(password, salt, n, r, p, length):
+    memory = 128 * r * (n + p + 2) + (1 << 20)
+    with hash_slot():
+        return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=memory, dklen=length)
+
+
+class hash_slot:
+    """Bounds concurrent hashing: scrypt takes 128 MiB a run."""
+
+    def __enter__(self):
+        if not HASH_SLOTS.acquire(timeout=HASH_WAIT):
+            raise HashBusy()
+
+    def __exit__(self, *exc):
+        HASH_SLOTS.release()
+
+
+def hash_password(password):
+    salt = secrets.token_bytes(16)
+    checksum = scrypt(password.encode("utf-8"), salt, 2 ** SCRYPT_LN, SCRYPT_R, SCRYPT_P, 32)
+    return "$scrypt$ln=%d,r=%d,p=%d$%s$%s" % (SCRYPT_LN, SCRYPT_R, SCRYPT_P, _b64_encode(salt), _b64_encode(checksum))
+
+
+def is_current_scrypt(value):
+    return value.startswith("$scrypt$ln=%d,r=%d,p=%d$" % (SCRYPT_LN, SCRYPT_R, SCRYPT_P))
+
+
+# A hash of nothing, with the default cost: an unknown user name is checked
+# against it, so it costs the same time as a known one.
+DUMMY_HASH = "$scrypt$ln=%d,r=%d,p=%d$%s$%s" % (SCRYPT_LN, SCRYPT_R, SCRYPT_P,
+                                                  _b64_encode(secrets.token_bytes(16)), _b64_encode(secrets.token_bytes(32)))
+
+_ITOA64 = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def apr1_md5(password, salt):
+    """Apache's $apr1$ MD5-crypt (htpasswd -m), -> the full hash string."""
+    magic = b"$apr1$"
+    salt = salt[:8]
+    alternate = hashlib.md5(password + salt + password).digest()
+    ctx = password + magic + salt
+    for i in range(len(password), 0, -16):
+        ctx += alternate[:min(16, i)]
+    i = len(password)
+    while i:
+        ctx += b"\0" if i & 1 else password[:1]
+        i >>= 1
+    final = hashlib.md5(ctx).digest()
+    for i in range(1000):
+        step = (password if i & 1 else final) + (salt if i % 3 else b"") + (password if i % 7 else b"")
+        final = hashlib.md5(step + (final if i & 1 else password)).digest()
+    out = ""
+    for a, b, c in ((0, 6, 12), (1, 7, 13), (2, 8, 14), (3, 9, 15), (4, 10, 5)):
+        v = (final[a] << 16) | (final[b] << 8) | final[c]
+        for _ in range(4):
+            out += _ITOA64[v & 63]
+            v >>= 6
+    v = final[11]
+    for _ in range(2):
+        out += _ITOA64[v & 63]
+        v >>= 6
+    return "$apr1$" + salt.decode("ascii") + "$" + out
+
+
+_libcrypt = None
+_libcrypt_lock = threading.Lock()  # crypt(3) keeps its result in static storage
+_crypt_support = {}
+
+
+def system_crypt(password, setting):
+    """crypt(3) from the system's libcrypt, or None when it is missing or refuses."""
+    global _libcrypt
+    with _libcrypt_lock:
+        if _libcrypt is None:
+            name = ctypes.util.find_library("crypt")
+            try:
+                _libcrypt = ctypes.CDLL(name or "libcrypt.so.1")
+                _libcrypt.crypt.restype = ctypes.c_char_p
+                _libcrypt.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+            except (OSError, AttributeError):
+                _libcrypt = False
+        if not _libcrypt:
+            return None
+        result = _libcrypt.crypt(password, setting.encode("ascii"))
+    if not result or result.startswith(b"*"):
+        return None
+    return result.decode("ascii", "replace")
+
+
+def crypt_supports(prefix):
+    if prefix not in _crypt_support:
+        _crypt_support[prefix] = system_crypt(b"probe", CRYPT_SAMPLES[prefix]) is not None
+    return _crypt_support[prefix]
+
+
+def check_hash_format(value):
+    """ValueError unless this system can verify VALUE."""
+    if value.startswith("$scrypt$"):
+        parse_scrypt_hash(value)
+    elif value.startswith("$apr1$"):
+        if not re.fullmatch(r"\$apr1\$[^$]{1,8}\$[./0-9A-Za-z]{22}", value):
+            raise ValueError("malformed $apr1$ hash")
+    elif value.startswith("{SHA}"):
+        try:
+            if len(base64.b64decode(value[5:], validate=True)) != 20:
+                raise ValueError
+        except (binascii.Error, ValueError):
+            raise ValueError("malformed {SHA} hash") from None
+    elif value.startswith(CRYPT_PREFIXES):
+        prefix = next(p for p in CRYPT_PREFIXES if value.startswith(p))
+        if not re.fullmatch(r"\$[0-9a-z]{1,2}\$[./0-9A-Za-z$=,]{8,200}", value):
+            raise ValueError("malformed %s hash" % prefix)
+        if not crypt_supports(prefix):
+            raise ValueError("this system's libcrypt cannot verify %s hashes; set a new password with "
+                             "'authd.py passwd NAME'" % prefix)
+    else:
+        raise ValueError("unknown hash format %s... (authd knows $scrypt$, $apr1$, {SHA}, $2y$/$2b$/$2a$ "
+                         "bcrypt, $5$, $6$ and $y$)" % quoted(value[:8]))
+
+
+def verify_password(password, stored):
+    """True if PASSWORD matches the stored hash. Compares in constant time."""
+    secret = password.encode("utf-8")
+    if stored.startswith("$scrypt$"):
+        n, r, p, salt, checksum = parse_scrypt_hash(stored)
+        return hmac.compare_digest(scrypt(secret, salt, n, r, p, len(checksum)), checksum)
+    if stored.startswith("$apr1$"):
+        salt = stored[6:].split("$", 1)[0].encode("ascii")
+        return hmac.compare_digest(apr1_md5(secret, salt).encode(), stored.encode())
+    if stored.startswith("{SHA}"):
+        digest = "{SHA}" + base64.b64encode(hashlib.sha1(secret).digest()).decode("ascii")
+        return hmac.compare_digest(digest.encode(), stored.encode())
+    if stored.startswith(CRYPT_PREFIXES):
+        if b"\0" in secret:
+            return False
+        with hash_slot():
+            result = system_crypt(secret, stored)
+        return result is not None and hmac.compare_digest(result.encode(), stored.encode())
+    return False
+
+
+# ---------------------------------------------------------------------------
+# Tokens: HS256 JWTs, which any JWT library verifies with the secret. The
+# verifier accepts exactly what authd issues and nothing looser.
+# ---------------------------------------------------------------------------
+
+MAX_TOKEN = 4096
+REFRESH_AFTER = 60                 # seconds; a token older than this is re-issued
+CLOCK_SKEW = 5                     # seconds of "iat in the future" tolerated
+TOKEN_HEADER = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=").decode("ascii")
+B64URL_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def b64url_encode(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text):
+    if not B64URL_RE.fullmatch(text) or len(text) % 4 == 1:
+        raise ValueError("bad base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _no_duplicates(pairs):
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError("duplicate key %r" % key)
+        result[key] = value
+    return result
+
+
+def _no_constants(name):
+    raise ValueError("%s is not JSON" % name)
+
+
+def strict_json(data):
+    """Parse JSON bytes: UTF-8, no duplicate keys, no NaN, bounded nesting."""
+    return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+
+
+def sign_token(claims, key):
+    body = TOKEN_HEADER + "." + b64url_encode(json.dumps(claims, separators=(",", ":")).encode("utf-8"))
+    signature = hmac.new(key, body.encode("ascii"), hashlib.sha256).digest()
+    return body + "." + b64url_encode(signature)
+
+
+def _is_int(value):
+    return type(value) is int
+
+
+def decode_token(token, keys, now):
+    """The claims of a token that authd could have issued and that has not
+    expired, else None. Checks: size, shape, base64url, header (HS256 only,
+    no crit or other fields), signature in constant time against every key,
+    then the claims' types and times."""
+    if not isinstance(token, str) or len(token) > MAX_TOKEN or token.count(".") != 2:
+        return None
+    header, payload, signature = token.split(".")
+    try:
+        if header != TOKEN_HEADER:
+            fields = strict_json(b64url_decode(header))
+            if not isinstance(fields, dict) or fields.get("alg") != "HS256" \
+                    or fields.get("typ", "JWT") != "JWT" or set(fields) - {"alg", "typ"}:
+                return None
+        given = b64url_decode(signature)
+        signing_input = (header + "." + payload).encode("ascii")
+        matched = False
+        for key in keys:
+            expected = hmac.new(key, signing_input, hashlib.sha256).digest()
+            matched |= hmac.compare_digest(expected, given)
+        if not matched:
+            return None
+        claims = strict_json(b64url_decode(payload))
+    except (ValueError, UnicodeError, RecursionError, binascii.Error):
+        return None
+    if not isinstance(claims, dict):
+        return None
+    sub, iat, exp, auth_time = claims.get("sub"), claims.get("iat"), claims.get("exp"), claims.get("auth_time")
+    if not (valid_name(sub) and _is_int(iat) and _is_int(exp) and _is_int(auth_time)
+            and isinstance(claims.get("pwh"), str)):
+        return None
+    nbf = claims.get("nbf", iat)
+    if not _is_int(nbf) or nbf > now + CLOCK_SKEW or iat > now + CLOCK_SKEW or auth_time > iat or exp <= now:
+        return None
+    return claims
+
+
+def issue_token(user, auth_time, now, settings, key):
+    """A new token for USER; its life slides by AUTH_EXPIRY_DAYS but never
+    past AUTH_MAX_AGE_DAYS after the password was typed."""
+    exp = now + int(settings.expiry_days * 86400)
+    if settings.max_age_days:
+        exp = min(exp, auth_time + int(settings.max_age_days * 86400))
+    claims = {"sub": user.name, "iat": now, "exp": exp, "auth_time": auth_time, "pwh": user.fingerprint}
+    return sign_token(claims, key), exp - now
+
+
+# ---------------------------------------------------------------------------
+# Login rate limits: fixed windows per client address and per user name, in a
+# bounded table (the oldest entries go first when it is full).
+# ---------------------------------------------------------------------------
+
+class RateLimiter:
+    def __init__(self, limit, window, max_keys=50000):
+        self.limit, self.window, self.max_keys = limit, window, max_keys
+        self.entries = OrderedDict()      # key -> [window end, count]
+        self.lock = threading.Lock()
+
+    def hit(self, key, now):
+        """Count an attempt. Returns 0 if allowed, else seconds until allowed."""
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is None or entry[0] <= now:
+                entry = [now + self.window, 0]
+                self.entries.pop(key, None)
+                self.entries[key] = entry
+                while len(self.entries) > self.max_keys:
+                    self.entries.popitem(last=False)
+            if entry[1] >= self.limit:
+                return max(1, int(entry[0] - now + 0.999))
+            entry[1] += 1
+            return 0
+
+    def refund(self, key):
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry and entry[1] > 0:
+                entry[1] -= 1
+
+
+# ---------------------------------------------------------------------------
+# The application: what a request may ask and what it is told. Everything
+# that is not HTTP framing lives here.
+# ---------------------------------------------------------------------------
+
+NAME_LIMIT_FACTOR = 4      # a user name may take 4x one address's attempts
+TOKEN_CACHE_SIZE = 10000
+
+
+class App:
+    def __init__(self, settings, keys, store):
+        self.store = store
+        self.token_cache = {}
+        self.rule_cache = {}
+        self.configure(settings, keys)
+
+    def configure(self, settings, keys):
+        self.settings, self.keys = settings, keys
+        self.token_cache = {}
+        limit, window = settings.login_rate
+        old = getattr(self, "address_limits", None)
+        if old is None or (old.limit, old.window) != (limit, window):
+            self.address_limits = RateLimiter(limit, window)
+            self.name_limits = RateLimiter(limit * NAME_LIMIT_FACTOR, window)
+        p = settings.prefix
+        self.routes = {
+            p + "/auth": ("*", self.handle_auth),
+            p + "/admin": ("*", self.handle_admin),
+            p + "/login": ("GET, HEAD, POST", self.handle_login),
+            p + "/logout": ("GET, HEAD, POST", self.handle_logout),
+            p + "/": ("GET, HEAD", self.handle_whoami),
+            p + "/logged-in": ("GET, HEAD", self.handle_whoami),
+            p: ("GET, HEAD", self.handle_whoami),
+            p + "/healthz": ("GET, HEAD", self.handle_health),
+        }
+
+    # -- sessions -----------------------------------------------------------
+
+    def session(self, request, now):
+        """(user, claims) for the request's cookie, or (None, None)."""
+        for token in cookie_values(request.headers.get("cookie", ""), self.settings.cookie_name):
+            claims = self.token_cache.get(token)
+            if claims is None:
+                claims = decode_token(token, self.keys, now)
+                if claims is None:
+                    continue
+                if len(self.token_cache) >= TOKEN_CACHE_SIZE:
+                    self.token_cache = {}
+                self.token_cache[token] = claims
+            elif claims["exp"] <= now:
+                continue
+            user = self.store.users.get(claims["sub"])
+            if user is None or not hmac.compare_digest(user.fingerprint, claims["pwh"]):
+                continue
+            max_age = self.settings.max_age_days
+            if max_age and now - claims["auth_time"] > max_age * 86400:
+                continue
+            if claims["exp"] - claims["iat"] > self.settings.expiry_days * 86400 + 60:
+                continue  # not issued under this server's settings
+            return user, claims
+        return None, None
+
+    def session_cookie(self, user, auth_time, now):
+        token, max_age = issue_token(user, auth_time, now, self.settings, self.keys[0])
+        return self.cookie_header(token, max_age)
+
+    def cookie_header(self, value, max_age):
+        s = self.settings
+        parts = ["%s=%s" % (s.cookie_name, value), "Path=/", "Max-Age=%d" % max_age, "HttpOnly",
+                 "SameSite=" + s.cookie_samesite]
+        if s.cookie_secure:
+            parts.append("Secure")
+        if s.cookie_domain:
+            parts.append("Domain=" + s.cookie_domain)
+        return "; ".join(parts)
+
+    def clearing_cookie(self):
+        return self.cookie_header("", 0)
+
+    # -- GET P/auth and P/admin: the hot path ----------------------------------
+
+    def handle_auth(self, request, admin_only=False):
+        now = int(time.time())
+        bypass = self.settings.bypass
+        if bypass and "x-auth-bypass" in request.headers and hmac.compare_digest(
+                request.headers["x-auth-bypass"].encode("utf-8", "replace"), bypass.encode("utf-8")):
+            return Reply(200)
+        user, claims = self.session(request, now)
+        if user is None:
+            reply = Reply(401)
+            if "cookie" in request.headers and cookie_values(request.headers["cookie"], self.settings.cookie_name):
+                reply.headers.append(("Set-Cookie", self.clearing_cookie()))
+            return reply
+        if admin_only and not user.admin:
+            return Reply(403)
+        if request.query and not self.rules_allow(request.query, user):
+            return Reply(403)
+        reply = Reply(200, user=user)
+        if now - claims["iat"] > REFRESH_AFTER:
+            reply.headers.append(("Set-Cookie", self.session_cookie(user, claims["auth_time"], now)))
+        elif self.settings.cache_seconds:
+            reply.headers.append(("X-Accel-Expires", str(max(0, min(self.settings.cache_seconds, claims["exp"] - now)))))
+        return reply
+
+    def handle_admin(self, request):
+        return self.handle_auth(request, admin_only=True)
+
+    def rules_allow(self, query, user):
+        """?group=G1,G2&user=U1,U2 from the nginx config: the user must be in a
+        listed group or be a listed user. An unknown parameter denies, so a
+        typo in nginx.conf fails closed."""
+        rules = self.rule_cache.get(query)
+        if rules is None:
+            groups, names, unknown = set(), set(), []
+            for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+                if key in ("group", "groups"):
+                    groups.update(v for v in value.split(",") if v)
+                elif key in ("user", "users"):
+                    names.update(v for v in value.split(",") if v)
+                else:
+                    unknown.append(key)
+            if unknown:
+                log("error", "unknown rule parameter %s in %s; denying (use group= or user=)"
+                    % (quoted(unknown[0]), quoted(query)))
+            rules = (frozenset(groups), frozenset(names), bool(unknown))
+            if len(self.rule_cache) < 1000:
+                self.rule_cache[query] = rules
+        groups, names, unknown = rules
+        if unknown:
+            return False
+        if not groups and not names:
+            return True
+        return user.name in names or not groups.isdisjoint(user.groups)
+
+    # -- login and logout ---------------------------------------------------
+
+    def handle_login(self, request):
+        target = self.return_target(request)
+        if request.method in ("GET", "HEAD"):
+            user, _ = self.session(request, int(time.time()))
+            if user is not None:
+                return Reply(303, headers=[("Location", target)])
+            return self.login_page(request, target)
+        wants_json = request.content_type() == "application/json"
+        if self.cross_site(request):
+            log("warning", "cross-site login refused from %s (Origin %s)"
+                % (request.client_address(), quoted(request.headers.get("origin", ""))))
+            return self.login_failed(request, wants_json, 403, "Cross-site login refused", target)
+        try:
+            name, password, form_target = parse_login_body(request)
+        except ValueError as e:
+            status = 415 if "Content-Type" in str(e) else 400
+            return self.login_failed(request, wants_json, status, str(e), target)
+        if form_target is not None:
+            target = safe_target(form_target)
+        address = request.client_address()
+        now = time.time()
+        wait = self.address_limits.hit(address, now)
+        if not wait:
+            wait = self.name_limits.hit(name[:64], now)
+            if wait:
+                self.address_limits.refund(address)
+        if wait:
+            log("warning", "login rate limit hit from %s user=%s" % (address, quoted(name)))
+            reply = self.login_failed(request, wants_json, 429, "Too many attempts; try again in %d seconds" % wait,
+                                      target)
+            reply.headers.append(("Retry-After", str(wait)))
+            return reply
+        try:
+            user = self.check_password(name, password)
+        except HashBusy:
+            self.address_limits.refund(address)
+            self.name_limits.refund(name[:64])
+            reply = self.login_failed(request, wants_json, 503, "The server is busy; try again in a moment", target)
+            reply.headers.append(("Retry-After", "5"))
+            return reply
+        if user is None:
+            log("warning", "login failed from %s user=%s" % (address, quoted(name)))
+            message = "Invalid credentials" if wants_json else "Invalid user name or password"
+            return self.login_failed(request, wants_json, 401, message, target, name)
+        self.address_limits.refund(address)
+        self.name_limits.refund(name[:64])
+        self.warn_if_cookie_will_be_dropped(request)
+        log("info", "login ok from %s user=%s" % (address, quoted(user.name)))
+        now = int(time.time())
+        cookie = ("Set-Cookie", self.session_cookie(user, now, now))
+        if wants_json:
+            return Reply(200, headers=[cookie], json={"status": "ok", "user": user.name})
+        return Reply(303, headers=[cookie, ("Location", target)])
+
+    def check_password(self, name, password):
+        """The user if NAME and PASSWORD match, else None. An unknown name is
+        checked against a dummy hash so that it costs the same as a known one."""
+        user = self.store.users.get(name) if valid_name(name) else None
+        try:
+            ok = verify_password(password, user.hash if user else DUMMY_HASH)
+        except ValueError:
+            ok = False
+        if not ok or user is None:
+            return None
+        if not is_current_scrypt(user.hash):
+            try:
+                user = self.store.upgrade_hash(name, password) or user
+                log("info", "upgraded the password hash of %s to scrypt" % name)
+            except (Failure, OSError) as e:
+                log("error", "could not upgrade the password hash of %s: %s" % (name, e))
+        return user
+
+    def login_failed(self, request, wants_json, status, message, target, name=""):
+        if wants_json:
+            return Reply(status, json={"status": "fail", "message": message})
+        return self.login_page(request, target, status=status, message=message, name=name)
+
+    def cross_site(self, request):
+        """A login posted from another site (login CSRF): Origin's host name
+        differs from this site's, or the browser says cross-site."""
+        if request.headers.get("sec-fetch-site", "").lower() == "cross-site":
+            return True
+        origin = request.headers.get("origin")
+        if origin is None:
+            return False
+        site = request.headers.get("x-original-host") or request.headers.get("host", "")
+        try:
+            origin_host = urllib.parse.urlsplit(origin).hostname
+        except ValueError:
+            return True
+        return not origin_host or origin_host != host_name(site)
+
+    def warn_if_cookie_will_be_dropped(self, request):
+        if self.settings.cookie_secure and request.headers.get("x-forwarded-proto", "https").lower() == "http" \
+                and host_name(request.site_host()) not in ("localhost", "127.0.0.1", "::1"):
+            log("warning", "this login came over plain http, where browsers drop the Secure cookie: "
+                "serve the site over https, or set AUTH_COOKIE_SECURE=false")
+
+    def handle_logout(self, request):
+        user, _ = self.session(request, int(time.time()))
+        if user is not None:
+            log("info", "logout from %s user=%s" % (request.client_address(), quoted(user.name)))
+        cookie = ("Set-Cookie", self.clearing_cookie())
+        if request.wants_json():
+            return Reply(200, headers=[cookie], json={"status": "ok"})
+        return Reply(303, headers=[cookie, ("Location", self.settings.prefix + "/login")])
+
+    def return_target(self, request):
+        """Where to go after login: ?rd=, else nginx's X-Original-URI, else /."""
+        rd = dict(urllib.parse.parse_qsl(request.query, max_num_fields=20)).get("rd") if request.query else None
+        if rd is None:
+            rd = request.headers.get("x-original-uri")
+            if rd is not None and rd.startswith(self.settings.prefix + "/"):
+                rd = None  # the login page itself; nothing to return to
+        return safe_target(rd or "/")
+
+    # -- pages ----------------------------------------------------------------
+
+    def login_page(self, request, target, status=200, message="", name=""):
+        site = host_name(request.site_host()) or "this site"
+        error = '<p class="error" role="alert">%s</p>' % html.escape(message) if message else ""
+        body = LOGIN_PAGE.format(
+            site=html.escape(site), action=html.escape(self.settings.prefix + "/login"),
+            target=html.escape(target), error=error, name=html.escape(name),
+            focus_name="" if name else " autofocus", focus_password=" autofocus" if name else "")
+        return Reply(status, html_body=page(site, "Sign in", body))
+
+    def handle_whoami(self, request):
+        user, _ = self.session(request, int(time.time()))
+        if user is None:
+            return Reply(303, headers=[("Location", self.settings.prefix + "/login")])
+        groups = ", ".join(user.groups) or "none"
+        body = WHOAMI_PAGE.format(name=html.escape(user.name), role="an administrator" if user.admin else "a user",
+                                  groups=html.escape(groups), action=html.escape(self.settings.prefix + "/logout"))
+        return Reply(200, html_body=page(host_name(request.site_host()) or "this site", "Signed in", body))
+
+    def handle_health(self, request):
+        return Reply(200, body=b"ok\n", content_type="text/plain; charset=utf-8")
+
+
+def cookie_values(header, name):
+    """Every value of cookie NAME in a Cookie header (a browser may send two)."""
+    if name not in header:
+        return []
+    values = []
+    for part in header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            values.append(value)
+            if len(values) == 4:
+                break
+    return values
+
+
+def host_name(host):
+    """'Example.COM:8080' -> 'example.com'; '[::1]:80' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def safe_target(target):
+    """TARGET if it is a path on this site, else '/'. No scheme, no host, no
+    '//' or '/\\' (which browsers read as another host), no control characters."""
+    if not isinstance(target, str) or not target.startswith("/") or len(target) > 2048:
+        return "/"
+    if target[1:2] in ("/", "\\") or any(ord(c) < 32 or ord(c) == 127 for c in target):
+        return "/"
+    # Non-ASCII goes out percent-encoded, so a Location header stays ASCII.
+    return urllib.parse.quote(target, safe="/?#[]@!$&'()*+,;=%:~-._\\")
+
+
+def parse_login_body(request):
+    """(username, password, rd or None) from a JSON or form body; ValueError
+    with a message for anything else."""
+    kind = request.content_type()
+    if kind == "application/json":
+        try:
+            data = strict_json(request.body)
+        except (ValueError, UnicodeError, RecursionError):
+            raise ValueError("The body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise ValueError("The body must be a JSON object")
+        target = None
+    elif kind in ("application/x-www-form-urlencoded", ""):
+        try:
+            text = request.body.decode("utf-8")
+            data = dict(urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text),
+                                               max_num_fields=20, errors="strict"))
+        except (ValueError, UnicodeError):
+            raise ValueError("The form data is malformed") from None
+        target = data.get("rd")
+    else:
+        raise ValueError("Content-Type must be application/x-www-form-urlencoded or application/json")
+    name, password = data.get("username"), data.get("password")
+    if not isinstance(name, str) or not isinstance(password, str) or not name or not password:
+        raise ValueError("User name and password are required")
+    return name, password, target
+
+
+STYLE = """
+:root{color-scheme:light dark;--bg:#f4f5f7;--card:#fff;--text:#1d2330;--muted:#5b6472;--line:#c9ced6;
+--accent:#2456d6;--accent-text:#fff;--error-bg:#fdecec;--error:#a4161a}
+@media (prefers-color-scheme:dark){:root{--bg:#12151b;--card:#1c2029;--text:#e8ebf0;--muted:#a1a9b6;
+--line:#3a4150;--accent:#6b95ff;--accent-text:#0b0f17;--error-bg:#3b1d20;--error:#ffb3b3}}
+*{box-sizing:border-box}
+body{margin:0;min-height:100vh;display:flex;align-items:center;justify-content:center;padding:24px 16px;
+background:var(--bg);color:var(--text);font:16px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
+main{width:100%;max-width:380px;background:var(--card);border:1px solid var(--line);border-radius:12px;
+padding:32px 28px;box-shadow:0 8px 24px rgba(0,0,0,.08)}
+h1{font-size:1.5rem;margin:0 0 4px}
+.site{margin:0 0 24px;color:var(--muted);word-break:break-all}
+label{display:block;font-weight:600;margin:16px 0 6px}
+input{width:100%;padding:10px 12px;font:inherit;color:inherit;background:transparent;border:1px solid var(--line);
+border-radius:8px}
+input:focus,button:focus{outline:3px solid var(--accent);outline-offset:2px}
+button{width:100%;margin-top:24px;padding:11px;font:inherit;font-weight:600;border:0;border-radius:8px;
+background:var(--accent);color:var(--accent-text);cursor:pointer}
+.error{margin:0 0 8px;padding:10px 12px;border-radius:8px;background:var(--error-bg);color:var(--error)}
+dl{margin:0}dt{color:var(--muted);margin-top:12px}dd{margin:0;font-weight:600;word-break:break-all}
+"""
+STYLE_HASH = base64.b64encode(hashlib.sha256(STYLE.encode("utf-8")).digest()).decode("ascii")
+PAGE_HEADERS = [
+    ("Content-Security-Policy", "default-src 'none'; style-src 'sha256-%s'; form-action 'self'; "
+                                "frame-ancestors 'none'; base-uri 'none'" % STYLE_HASH),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "same-origin"),
+    ("X-Frame-Options", "DENY"),
+]
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="robots" content="noindex">
+<title>{title} · {site}</title>
+<style>{style}</style></head>
+<body><main>
+{body}
+</main></body></html>
+"""
+LOGIN_PAGE = """<h1>Sign in</h1>
+<p class="site">to {site}</p>
+{error}<form method="post" action="{action}">
+<input type="hidden" name="rd" value="{target}">
+<label for="username">User name</label>
+<input id="username" name="username" autocomplete="username" autocapitalize="none" spellcheck="false"
+ required value="{name}"{focus_name}>
+<label for="password">Password</label>
+<input id="password" name="password" type="password" autocomplete="current-password" required{focus_password}>
+<button type="submit">Sign in</button>
+</form>"""
+WHOAMI_PAGE = """<h1>Signed in</h1>
+<dl><dt>User</dt><dd>{name}</dd><dt>Role</dt><dd>{role}</dd><dt>Groups</dt><dd>{groups}</dd></dl>
+<form method="post" action="{action}"><button type="submit">Sign out</button></form>"""
+
+
+def page(site, title, body):
+    return PAGE.format(title=html.escape(title), site=html.escape(site), style=STYLE, body=body).encode("utf-8")
+
+
+# ---------------------------------------------------------------------------
+# HTTP: a small, strict, bounded HTTP/1.1 server with keep-alive, on
+# http.server's ThreadingHTTPServer (one thread per connection, with a cap).
+# ---------------------------------------------------------------------------
+
+MAX_REQUEST_LINE = 8192
+MAX_HEAD = 16384
+MAX_HEADERS = 100
+MAX_BODY = 8192
+TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+           404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
+           413: "Content Too Large", 414: "URI Too Long", 415: "Unsupported Media Type",
+           429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+           503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+LOOPBACK_CACHE = {}
+
+
+class HTTPError(Exception):
+    """A request that cannot be served: answered with STATUS, then closed."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class Request:
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "peer", "keep_alive")
+
+    def content_type(self):
+        return self.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+    def wants_json(self):
+        accept = self.headers.get("accept", "")
+        return self.content_type() == "application/json" or (
+            "application/json" in accept and "text/html" not in accept) or \
+            self.headers.get("sec-fetch-mode", "") in ("cors", "same-origin")
+
+    def site_host(self):
+        return self.headers.get("x-original-host") or self.headers.get("host", "")
+
+    def client_address(self):
+        """nginx's word for the client when nginx is the peer, else the peer."""
+        peer = self.peer
+        if is_loopback(peer):
+            for name in ("x-original-remote-addr", "x-real-ip"):
+                claimed = self.headers.get(name, "").strip()
+                if claimed:
+                    try:
+                        return str(ipaddress.ip_address(claimed))
+                    except ValueError:
+                        break
+        return peer or "unix"
+
+
+def is_loopback(peer):
+    """True for 127.0.0.0/8, ::1 and a unix socket (empty peer)."""
+    if not peer:
+        return True
+    result = LOOPBACK_CACHE.get(peer)
+    if result is None:
+        try:
+            address = ipaddress.ip_address(peer.split("%", 1)[0])
+            mapped = getattr(address, "ipv4_mapped", None)
+            result = address.is_loopback or bool(mapped and mapped.is_loopback)
+        except ValueError:
+            result = False
+        if len(LOOPBACK_CACHE) < 1000:
+            LOOPBACK_CACHE[peer] = result
+    return result
+
+
+class Reply:
+    __slots__ = ("status", "headers", "body", "user", "content_type", "is_page")
+
+    def __init__(self, status, headers=None, body=b"", user=None, json=None, html_body=None,
+                 content_type=None):
+        self.status, self.headers, self.user = status, headers or [], user
+        self.body, self.content_type, self.is_page = body, content_type, False
+        if json is not None:
+            self.body = globals()["json"].dumps(json).encode("utf-8")
+            self.content_type = "application/json"
+        elif html_body is not None:
+            self.body, self.content_type, self.is_page = html_body, "text/html; charset=utf-8", True
+
+
+def parse_head(head):
+    """The bytes of a request head -> Request (without body). HTTPError for
+    anything malformed: this is the boundary where hostile bytes stop."""
+    lines = head.split(b"\n")
+    request_line = lines[0].rstrip(b"\r")
+    if len(request_line) > MAX_REQUEST_LINE:
+        raise HTTPError(414, "request line too long")
+    parts = request_line.split(b" ")
+    if len(parts) != 3:
+        raise HTTPError(400, "malformed request line")
+    method, target, version = parts
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise HTTPError(505 if version.startswith(b"HTTP/") else 400, "unsupported HTTP version")
+    try:
+        method, target = method.decode("ascii"), target.decode("ascii")
+    except UnicodeDecodeError:
+        raise HTTPError(400, "non-ASCII request line") from None
+    if not TOKEN_RE.fullmatch(method):
+        raise HTTPError(400, "malformed method")
+    if not target.startswith("/") or any(ord(c) <= 32 or ord(c) == 127 for c in target):
+        raise HTTPError(400, "request target must be a path starting with /")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise HTTPError(431, "too many header fields")
+    headers = {}
+    for raw in lines[1:]:
+        line = raw[:-1] if raw.endswith(b"\r") else raw
+        if not line:
+            continue
+        if line[:1] in (b" ", b"\t"):
+            raise HTTPError(400, "folded header lines are not allowed")
+        name, sep, value = line.decode("latin-1").partition(":")
+        if not sep or not TOKEN_RE.fullmatch(name):
+            raise HTTPError(400, "malformed header field")
+        value = value.strip(" \t")
+        if BAD_VALUE_RE.search(value):
+            raise HTTPError(400, "control character in header %s" % name)
+        name = name.lower()
+        if name in headers:
+            if name in ("host", "content-length", "authorization", "x-auth-bypass",
+                        "x-original-uri", "x-original-host", "x-original-remote-addr", "x-real-ip"):
+                raise HTTPError(400, "repeated %s header" % name)
+            value = headers[name] + ("; " if name == "cookie" else ", ") + value
+        headers[name] = value
+    request = Request()
+    request.method, request.target, request.headers = method, target, headers
+    request.path, _, request.query = target.partition("?")
+    request.version = version
+    connection = headers.get("connection", "").lower()
+    request.keep_alive = ("close" not in connection) if version == b"HTTP/1.1" else ("keep-alive" in connection)
+    request.body = b""
+    return request
+
+
+def body_length(request):
+    if "transfer-encoding" in request.headers:
+        raise HTTPError(411, "Transfer-Encoding is not supported; send Content-Length")
+    value = request.headers.get("content-length")
+    if value is None:
+        return 0
+    if not value.isdigit() or len(value) > 12:
+        raise HTTPError(400, "malformed Content-Length")
+    length = int(value)
+    if length > MAX_BODY:
+        raise HTTPError(413, "body larger than %d bytes" % MAX_BODY)
+    return length
+
+
+def render_reply(reply, request, close):
+    """Reply -> the bytes of an HTTP/1.1 response."""
+    lines = ["HTTP/1.1 %d %s" % (reply.status, REASONS.get(reply.status, "Unknown")), "Cache-Control: no-store"]
+    if reply.content_type:
+        lines.append("Content-Type: " + reply.content_type)
+    if reply.is_page:
+        lines.extend("%s: %s" % h for h in PAGE_HEADERS)
+    lines.extend("%s: %s" % h for h in reply.headers)
+    lines.append("Content-Length: %d" % len(reply.body))
+    if close:
+        lines.append("Connection: close")
+    elif request is not None and request.version == b"HTTP/1.0":
+        lines.append("Connection: keep-alive")
+    head = ("\r\n".join(lines) + "\r\n").encode("latin-1", "replace")
+    if reply.user is not None:
+        head += reply.user.allow_headers
+    head += b"\r\n"
+    if request is not None and request.method == "HEAD":
+        return head
+    return head + reply.body
+
+
+class Connection(socketserver.BaseRequestHandler):
+    """One client connection: requests in a loop while it keeps alive."""
+
+    def handle(self):
+        server, sock = self.server, self.request
+        peer = self.client_address[0] if isinstance(self.client_address, tuple) else ""
+        buffer = b""
+        server.track(sock, busy=False)
+        try:
+            while not server.draining:
+                settings = server.app.settings
+                try:
+                    request, buffer = self.read_request(sock, buffer, settings)
+                except HTTPError as e:
+                    reply = Reply(e.status, body=(str(e) + "\n").encode(), content_type="text/plain; charset=utf-8")
+                    self.send(sock, render_reply(reply, None, close=True))
+                    return
+                if request is None:
+                    return
+                server.track(sock, busy=True)
+                request.peer = peer
+                close = not request.keep_alive or server.draining
+                try:
+                    reply = self.dispatch(request)
+                except Exception as e:  # a bug must cost one request, not the server
+                    log("error", "internal error on %s %s: %s: %s" % (request.method, quoted(request.path),
+                                                                      type(e).__name__, e))
+                    reply, close = Reply(500), True
+                self.send(sock, render_reply(reply, request, close))
+                server.track(sock, busy=False)
+                if close:
+                    return
+        except (OSError, socket.timeout):
+            return  # the client went away or was too slow
+        finally:
+            server.untrack(sock)
+
+    @staticmethod
+    def send(sock, data):
+        sock.settimeout(30)
+        sock.sendall(data)
+
+    def read_request(self, sock, buffer, settings):
+        """(Request, leftover bytes), or (None, b"") when the client closed or
+        idled out. The whole head and body must arrive within the header
+        timeout, whatever pace the client sends at (slow-loris)."""
+        if not buffer:
+            sock.settimeout(self.server.idle_timeout(settings))
+            try:
+                buffer = sock.recv(65536)
+            except socket.timeout:
+                return None, b""
+            if not buffer:
+                return None, b""
+        deadline = time.monotonic() + settings.header_timeout
+        while True:
+            end = buffer.find(b"\n\r\n")
+            end2 = buffer.find(b"\n\n")
+            if end2 >= 0 and (end < 0 or end2 < end):
+                end, skip = end2, 2
+            else:
+                skip = 3
+            if end >= 0:
+                break
+            if len(buffer) > MAX_HEAD:
+                raise HTTPError(414 if buffer.find(b"\n") < 0 else 431, "request head too large")
+            buffer += self.recv_before(sock, deadline)
+        head, buffer = buffer[:end + 1], buffer[end + skip:]
+        if len(head) > MAX_HEAD:
+            raise HTTPError(431, "request head too large")
+        request = parse_head(head)
+        length = body_length(request)
+        while len(buffer) < length:
+            buffer += self.recv_before(sock, deadline)
+        request.body, buffer = buffer[:length], buffer[length:]
+        return request, buffer
+
+    @staticmethod
+    def recv_before(sock, deadline):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout()
+        sock.settimeout(remaining)
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionResetError()
+        return chunk
+
+    def dispatch(self, request):
+        app = self.server.app
+        route = app.routes.get(request.path)
+        if route is None:
+            return Reply(404, body=b"not found\n", content_type="text/plain; charset=utf-8")
+        allowed, handler = route
+        if allowed != "*" and request.method not in allowed.split(", "):
+            return Reply(405, headers=[("Allow", allowed)])
+        return handler(request)
+
+
+class AuthServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a cap on connections (the accept loop waits
+    for a free slot, so excess clients queue in the kernel's backlog), and a
+    drain for a graceful stop."""
+
+    daemon_threads = True
+    request_queue_size = 1024
+    allow_reuse_address = True
+
+    def __init__(self, address, app, family=socket.AF_INET, listening_socket=None):
+        self.address_family = family
+        self.app = app
+        self.slots = threading.BoundedSemaphore(app.settings.max_connections)
+        self.connections = {}
+        self.connections_lock = threading.Lock()
+        self.draining = False
+        if listening_socket is not None:
+            socketserver.TCPServer.__init__(self, address, Connection, bind_and_activate=False)
+            self.socket.close()
+            self.socket = listening_socket
+            self.server_address = listening_socket.getsockname()
+        else:
+            socketserver.TCPServer.__init__(self, address, Connection)
+
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)  # skip HTTPServer's getfqdn() lookup
+
+    def idle_timeout(self, settings):
+        """Keep-alive idle time; short when connections run low, so idle
+        clients cannot hold every slot."""
+        if len(self.connections) > self.app.settings.max_connections * 3 // 4:
+            return 1.0
+        return settings.idle_timeout
+
+    def process_request(self, request, client_address):
+        while not self.slots.acquire(timeout=0.5):
+            if self.draining:
+                self.shutdown_request(request)
+                return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request, client_address):
+        log("error", "connection error: %s" % (sys.exc_info()[1],))
+
+    def track(self, sock, busy):
+        with self.connections_lock:
+            self.connections[sock] = busy
+
+    def untrack(self, sock):
+        with self.connections_lock:
+            self.connections.pop(sock, None)
+
+    def drain(self, timeout):
+        """Stop reading new requests; let requests in flight finish."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.connections_lock:
+                idle = [s for s, busy in self.connections.items() if not busy]
+                busy = len(self.connections) - len(idle)
+            for sock in idle:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            if not busy and not idle:
+                return True
+            time.sleep(0.05)
+        return False
+
+
+def listen(settings, app):
+    """The server, on a socket from systemd (LISTEN_FDS), a unix socket
+    (AUTH_SOCKET) or host:port."""
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS", "0").isdigit() \
+            and int(os.environ["LISTEN_FDS"]) >= 1:
+        sock = socket.socket(fileno=3)
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(name, None)
+        server = AuthServer(sock.getsockname(), app, family=sock.family, listening_socket=sock)
+        where = "unix:%s" % sock.getsockname() if sock.family == socket.AF_UNIX else "http://%s:%d" % sock.getsockname()[:2]
+        return server, where + " (socket from systemd)"
+    if settings.socket:
+        path = settings.socket
+        if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)  # left by an earlier run
+        old_umask = os.umask(0o177)
+        try:
+            server = AuthServer(path, app, family=socket.AF_UNIX)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, settings.socket_mode)
+        return server, "unix:" + path
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    server = AuthServer((settings.host, settings.port), app, family=family)
+    host, port = server.server_address[:2]
+    return server, "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+
+def notify_systemd(message):
+    """sd_notify(3): tell systemd READY=1, RELOADING=1 or STOPPING=1."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(path)
+            sock.sendall(message.encode("ascii"))
+    except OSError as e:
+        log("warning", "could not notify systemd: %s" % e.strerror)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def read_password(prompt=True):
+    """A new password: asked twice on a terminal, else the first line of stdin."""
+    if prompt and sys.stdin is not None and sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if first != getpass.getpass("Password again: "):
+            raise Failure("the passwords do not match")
+        password = first
+    else:
+        line = sys.stdin.readline() if sys.stdin is not None else ""
+        if not line:
+            raise Failure("no password on standard input (give it as one line)")
+        password = line.rstrip("\r\n")
+    if not password:
+        raise Failure("the password is empty")
+    if len(password) > 1024:
+        raise Failure("the password is longer than 1024 characters")
+    return password
+
+
+def parse_groups(text, admin):
+    groups = [g for g in (text or "").split(",") if g]
+    for group in groups:
+        if not valid_name(group):
+            raise Failure("bad group name %s: no ':', ',', spaces or control characters" % quoted(group))
+    if admin and "admin" not in groups:
+        groups.insert(0, "admin")
+    return groups
+
+
+def command_hash(args, settings):
+    print(hash_password(read_password()))
+
+
+def command_adduser(args, settings):
+    if not valid_name(args.name):
+        raise Failure("bad user name %s: 1 to 64 characters, no ':', ',', spaces or control characters"
+                      % quoted(args.name))
+    groups = parse_groups(args.groups, args.admin)
+    new_hash = hash_password(read_password())
+
+    def add(entries, users):
+        if args.name in users:
+            raise Failure("user %s already exists (use 'passwd' to change the password)" % args.name)
+        entries.append(User(args.name, new_hash, groups))
+
+    edit_users_file(settings.users_file, add)
+    print("added %s to %s" % (args.name, settings.users_file))
+
+
+def _find_user(entries, users, name, path):
+    if name not in users:
+        raise Failure("no user %s in %s" % (quoted(name), path))
+    return next(i for i, e in enumerate(entries) if isinstance(e, User) and e.name == name)
+
+
+def command_passwd(args, settings):
+    _, users, _ = read_users_file(settings.users_file)
+    if args.name not in users:  # ask for no password when it would be thrown away
+        raise Failure("no user %s in %s" % (quoted(args.name), settings.users_file))
+    new_hash = hash_password(read_password())
+
+    def change(entries, users):
+        i = _find_user(entries, users, args.name, settings.users_file)
+        entries[i] = User(args.name, new_hash, entries[i].groups)
+
+    edit_users_file(settings.users_file, change)
+    print("changed the password of %s" % args.name)
+
+
+def command_deluser(args, settings):
+    def remove(entries, users):
+        del entries[_find_user(entries, users, args.name, settings.users_file)]
+
+    edit_users_file(settings.users_file, remove)
+    print("removed %s" % args.name)
+
+
+def command_users(args, settings):
+    _, users, _ = read_users_file(settings.users_file)
+    for user in users.values():
+        print("%s\t%s" % (user.name, ",".join(user.groups)))
+
+
+def command_import_htpasswd(args, settings):
+    """Merge an htpasswd file; lines keep their hashes (upgraded at login)."""
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            lines = f.read(MAX_USERS_FILE).splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise Failure("%s: cannot read: %s" % (args.file, getattr(e, "strerror", None) or e))
+    report = {"added": [], "skipped": []}
+
+    def merge(entries, users):
+        for number, line in enumerate(lines, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            name, _, password_hash = line.partition(":")
+            where = "%s line %d" % (args.file, number)
+            if re.fullmatch(r"[./0-9A-Za-z]{13}", password_hash):
+                report["skipped"].append("%s: %s has a DES crypt hash (htpasswd -d), which keeps only 8 characters "
+                                         "of a password; set one with 'authd.py passwd %s' after import" % (where, name, name))
+                continue
+            try:
+                user = parse_user_line(name + ":" + password_hash)
+            except ValueError as e:
+                report["skipped"].append("%s: %s" % (where, e))
+                continue
+            if user.name in users:
+                report["skipped"].append("%s: %s is already in %s" % (where, user.name, settings.users_file))
+                continue
+            users[user.name] = user
+            entries.append(user)
+            report["added"].append(user.name)
+
+    edit_users_file(settings.users_file, merge)
+    print("imported %d user(s) into %s%s" % (len(report["added"]), settings.users_file,
+                                            (": " + ", ".join(report["added"])) if report["added"] else ""))
+    for line in report["skipped"]:
+        print("skipped " + line)
+
+
+def command_check(args, settings):
+    problems = []
+    try:
+        load_secrets(settings, create=False)
+    except Failure as e:
+        if settings.token_secrets or os.path.exists(settings.secret_file):
+            problems.append(str(e))
+    try:
+        _, users, _ = read_users_file(settings.users_file)
+        if not users:
+            print("note: %s has no users yet; add one with: python3 authd.py adduser NAME" % settings.users_file)
+        plaintext = [u.name for u in users.values() if is_plaintext(u.hash)]
+        if plaintext:
+            print("note: plaintext passwords for %s will be hashed when the server starts" % ", ".join(plaintext))
+    except UsersFileError as e:
+        problems.extend(e.problems)
+    for problem in problems:
+        print("authd: " + problem, file=sys.stderr)
+    if problems:
+        return 1
+    print("ok: settings and %s are valid" % settings.users_file)
+    return 0
+
+
+def command_serve(args, settings):
+    keys = load_secrets(settings)
+    store = UsersStore(settings.users_file)
+    store.load()
+    if not store.users:
+        log("warning", "no users yet: add one with: python3 authd.py adduser NAME --users %s" % settings.users_file)
+    app = App(settings, keys, store)
+    try:
+        server, where = listen(settings, app)
+    except OSError as e:
+        raise Failure("cannot listen on %s: %s" % (settings.socket or "%s:%d" % (settings.host, settings.port),
+                                                  e.strerror or e))
+    return run_server(server, where, app, args)
+
+
+def run_server(server, where, app, args):
+    """Serve until SIGTERM/SIGINT; SIGHUP reloads. The main thread watches
+    signals and the users file's modification time; others serve."""
+    events = {"reload": False, "stop": False}
+    wake = threading.Event()
+
+    def on_signal(signum, frame):
+        events["reload" if signum == signal.SIGHUP else "stop"] = True
+        wake.set()
+
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True)
+    thread.start()
+    log("info", "listening on %s" % where)
+    notify_systemd("READY=1\nSTATUS=listening on %s" % where)
+    while True:
+        wake.wait(1.0)
+        wake.clear()
+        if events["stop"]:
+            break
+        if events["reload"]:
+            events["reload"] = False
+            notify_systemd("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
+            reload_settings(app, args)
+            reload_users(app.store)
+            notify_systemd("READY=1")
+        elif app.store.changed():
+            reload_users(app.store)
+    notify_systemd("STOPPING=1")
+    log("info", "stopping: finishing requests in flight")
+    server.draining = True
+    server.shutdown()
+    drained = server.drain(timeout=5)
+    server.server_close()
+    if app.settings.socket and not os.environ.get("LISTEN_FDS"):
+        try:
+            os.unlink(app.settings.socket)
+        except OSError:
+            pass
+    log("info", "stopped" if drained else "stopped with requests still in flight")
+    return 0
+
+
+def reload_users(store):
+    try:
+        users = store.load()
+        log("info", "loaded %d user(s) from %s" % (len(users), store.path))
+    except (UsersFileError, Failure, OSError) as e:
+        store.signature = store._file_signature()  # don't retry until the file changes again
+        log("error", "kept the previous users: %s" % str(e).replace("\n", "; "))
+
+
+def reload_settings(app, args):
+    try:
+        settings, warnings = settings_from_args(args)
+        keys = load_secrets(settings)
+    except Failure as e:
+        log("error", "kept the previous settings: %s" % e)
+        return
+    for warning in warnings:
+        log("warning", warning)
+    for name in settings.copy_unsafe_from(app.settings):
+        log("warning", "%s changed; restart authd to apply it" % name)
+    app.configure(settings, keys)
+    log("info", "reloaded settings")
+
+
+def build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--users", metavar="FILE", help="users file (AUTH_USERS_FILE)")
+    common.add_argument("--env", metavar="FILE", help="settings file (default: .env beside authd.py)")
+    parser = argparse.ArgumentParser(
+        prog="authd.py", description="Login server for NGINX auth_request. With no command: serve.")
+    parser.add_argument("--version", action="version", version="authd " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", parents=[common], help="serve HTTP (the default)")
+    serve.add_argument("--host", help="bind address (AUTH_HOST)")
+    serve.add_argument("--port", help="TCP port (AUTH_PORT)")
+    commands.add_parser("hash", parents=[common], help="print the hash of a password")
+    add = commands.add_parser("adduser", parents=[common], help="add a user")
+    add.add_argument("name")
+    add.add_argument("--admin", action="store_true", help="put the user in the admin group")
+    add.add_argument("--groups", metavar="G1,G2", help="comma-separated groups")
+    passwd = commands.add_parser("passwd", parents=[common], help="set a user's password")
+    passwd.add_argument("name")
+    deluser = commands.add_parser("deluser", parents=[common], help="remove a user")
+    deluser.add_argument("name")
+    commands.add_parser("users", parents=[common], help="list users and groups (never hashes)")
+    commands.add_parser("check", parents=[common], help="validate the settings and the users file")
+    imp = commands.add_parser("import-htpasswd", parents=[common], help="merge an htpasswd file into the users file")
+    imp.add_argument("file")
+    return parser
+
+
+COMMANDS = {"serve": command_serve, "hash": command_hash, "adduser": command_adduser, "passwd": command_passwd,
+            "deluser": command_deluser, "users": command_users, "check": command_check,
+            "import-htpasswd": command_import_htpasswd}
+
+
+def settings_from_args(args):
+    flags = {"AUTH_HOST": getattr(args, "host", None), "AUTH_PORT": getattr(args, "port", None),
+             "AUTH_USERS_FILE": args.users}
+    return load_settings(flags, env_file=args.env, env_required=args.env is not None)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "serve")
+    args = build_parser().parse_args(argv)
+    try:
+        try:
+            settings, warnings = settings_from_args(args)
+        except SettingsError as e:
+            for problem in e.problems:
+                print("authd: " + problem, file=sys.stderr)
+            return 1 if args.command == "check" else 2
+        for warning in warnings:
+            log("warning", warning)
+        return COMMANDS[args.command](args, settings) or 0
+    except UsersFileError as e:
+        for problem in e.problems:
+            print("authd: " + problem, file=sys.stderr)
+        return 1
+    except HashBusy:
+        print("authd: timed out waiting to hash", file=sys.stderr)
+        return 1
+    except Failure as e:
+        print("authd: %s" % e, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
