@@ -701,8 +701,10 @@ def hash_password(password):
     return "$scrypt$ln=%d,r=%d,p=%d$%s$%s" % (SCRYPT_LN, SCRYPT_R, SCRYPT_P, _b64_encode(salt), _b64_encode(checksum))
 
 
-def is_current_scrypt(value):
-    return value.startswith("$scrypt$ln=%d,r=%d,p=%d$" % (SCRYPT_LN, SCRYPT_R, SCRYPT_P))
+def is_legacy_hash(value):
+    """Formats replaced by scrypt at the next login. (scrypt hashes keep their
+    parameters; 'passwd' re-hashes with the current ones.)"""
+    return not value.startswith("$scrypt$")
 
 
 # A hash of nothing, with the default cost: an unknown user name is checked
@@ -790,6 +792,9 @@ def check_hash_format(value):
         prefix = next(p for p in CRYPT_PREFIXES if value.startswith(p))
         if not re.fullmatch(r"\$[0-9a-z]{1,2}\$[./0-9A-Za-z$=,]{8,200}", value):
             raise ValueError("malformed %s hash" % prefix)
+        cost = re.match(r"\$2.\$(\d\d)\$|\$[56]\$rounds=(\d+)\$", value)
+        if cost and (int(cost.group(1) or 0) > 16 or int(cost.group(2) or 0) > 1000000):
+            raise ValueError("%s hash is too costly to verify (bcrypt cost over 16 or over a million rounds)" % prefix)
         if not crypt_supports(prefix):
             raise ValueError("this system's libcrypt cannot verify %s hashes; set a new password with "
                              "'authd.py passwd NAME'" % prefix)
@@ -1149,7 +1154,7 @@ class App:
             ok = False
         if not ok or user is None:
             return None
-        if not is_current_scrypt(user.hash):
+        if is_legacy_hash(user.hash):
             try:
                 user = self.store.upgrade_hash(name, password) or user
                 log("info", "upgraded the password hash of %s to scrypt" % name)
@@ -1421,6 +1426,9 @@ def is_loopback(peer):
     return result
 
 
+_json_dumps = json.dumps
+
+
 class Reply:
     __slots__ = ("status", "headers", "body", "user", "content_type", "is_page")
 
@@ -1429,7 +1437,7 @@ class Reply:
         self.status, self.headers, self.user = status, headers or [], user
         self.body, self.content_type, self.is_page = body, content_type, False
         if json is not None:
-            self.body = globals()["json"].dumps(json).encode("utf-8")
+            self.body = _json_dumps(json).encode("utf-8")
             self.content_type = "application/json"
         elif html_body is not None:
             self.body, self.content_type, self.is_page = html_body, "text/html; charset=utf-8", True
@@ -1596,6 +1604,8 @@ class Connection(socketserver.BaseRequestHandler):
             raise HTTPError(431, "request head too large")
         request = parse_head(head)
         length = body_length(request)
+        if len(buffer) < length and request.headers.get("expect", "").lower() == "100-continue":
+            self.send(sock, b"HTTP/1.1 100 Continue\r\n\r\n")
         while len(buffer) < length:
             buffer += self.recv_before(sock, deadline)
         request.body, buffer = buffer[:length], buffer[length:]
@@ -1639,6 +1649,7 @@ class AuthServer(ThreadingHTTPServer):
         self.connections = {}
         self.connections_lock = threading.Lock()
         self.draining = False
+        self.owned_path = None  # a unix socket file to remove at exit
         if listening_socket is not None:
             socketserver.TCPServer.__init__(self, address, Connection, bind_and_activate=False)
             self.socket.close()
@@ -1725,6 +1736,7 @@ def listen(settings, app):
         finally:
             os.umask(old_umask)
         os.chmod(path, settings.socket_mode)
+        server.owned_path = path
         return server, "unix:" + path
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     server = AuthServer((settings.host, settings.port), app, family=family)
@@ -1946,9 +1958,9 @@ def run_server(server, where, app, args):
     server.shutdown()
     drained = server.drain(timeout=5)
     server.server_close()
-    if app.settings.socket and not os.environ.get("LISTEN_FDS"):
+    if server.owned_path:
         try:
-            os.unlink(app.settings.socket)
+            os.unlink(server.owned_path)
         except OSError:
             pass
     log("info", "stopped" if drained else "stopped with requests still in flight")
