@@ -234,9 +234,10 @@ class Settings:
 
 
 class SettingsError(Failure):
-    def __init__(self, problems):
+    def __init__(self, problems, values=None):
         super().__init__("; ".join(problems))
         self.problems = problems
+        self.values = values or {}  # the settings that did parse (check still reads the users file)
 
 
 def parse_env_line(line):
@@ -248,11 +249,11 @@ def parse_env_line(line):
         return None
     if text.startswith("export ") or text.startswith("export\t"):
         text = text[7:].lstrip()
-    key, sep, value = text.partition("=")
+    key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
         raise ValueError("expected KEY=value")
-    value = value.strip()
+    value = raw.strip()
     if value[:1] in ("'", '"'):
         end = value.find(value[0], 1)
         if end < 0:
@@ -262,7 +263,7 @@ def parse_env_line(line):
             raise ValueError("text after the closing quote in %s" % key)
         value = value[1:end]
     else:
-        value = re.split(r"\s+#", value, maxsplit=1)[0].strip()
+        value = re.split(r"\s+#", raw, maxsplit=1)[0].strip()
     return key, value
 
 
@@ -317,7 +318,7 @@ def load_settings(flags=None, environ=None, env_file=None, env_required=False):
     if values.get("AUTH_COOKIE_SAMESITE") == "None" and values.get("AUTH_COOKIE_SECURE") is False:
         problems.append("AUTH_COOKIE_SAMESITE: None needs AUTH_COOKIE_SECURE=true (browsers refuse it otherwise)")
     if problems:
-        raise SettingsError(problems)
+        raise SettingsError(problems, values)
     return Settings(values, env_file), warnings
 
 
@@ -362,7 +363,7 @@ def load_secrets(settings, create=True):
 # crash leaves the old file or the new one, never half of one.
 # ---------------------------------------------------------------------------
 
-NAME_RE = re.compile(r"[^:,\s\x00-\x1f\x7f-\x9f]{1,64}")
+NAME_RE = re.compile(r"(?!#)[^:,\s\x00-\x1f\x7f-\x9f]{1,64}")  # a line starting with # is a comment
 MAX_USERS_FILE = 16 << 20
 
 
@@ -859,9 +860,38 @@ def _no_constants(name):
     raise ValueError("%s is not JSON" % name)
 
 
+MAX_JSON_DEPTH = 20
+
+
+def _json_depth(text):
+    """The deepest nesting of [ and { outside strings."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
 def strict_json(data):
-    """Parse JSON bytes: UTF-8, no duplicate keys, no NaN, bounded nesting."""
-    return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    """Parse JSON bytes: UTF-8, no duplicate keys, no NaN, bounded nesting
+    (the same bound on every Python version, not the interpreter's recursion limit)."""
+    text = data.decode("utf-8")
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _json_depth(text) > MAX_JSON_DEPTH:
+        raise ValueError("JSON nested more than %d deep" % MAX_JSON_DEPTH)
+    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
 
 
 def sign_token(claims, key):
@@ -903,7 +933,7 @@ def decode_token(token, keys, now):
         return None
     sub, iat, exp, auth_time = claims.get("sub"), claims.get("iat"), claims.get("exp"), claims.get("auth_time")
     if not (valid_name(sub) and _is_int(iat) and _is_int(exp) and _is_int(auth_time)
-            and isinstance(claims.get("pwh"), str)):
+            and isinstance(claims.get("pwh"), str) and claims["pwh"].isascii()):
         return None
     nbf = claims.get("nbf", iat)
     if not _is_int(nbf) or nbf > now + CLOCK_SKEW or iat > now + CLOCK_SKEW or auth_time > iat or exp <= now:
@@ -1110,12 +1140,13 @@ class App:
         if form_target is not None:
             target = safe_target(form_target)
         address = request.client_address()
+        key = rate_key(address)
         now = time.time()
-        wait = self.address_limits.hit(address, now)
+        wait = self.address_limits.hit(key, now)
         if not wait:
             wait = self.name_limits.hit(name[:64], now)
             if wait:
-                self.address_limits.refund(address)
+                self.address_limits.refund(key)
         if wait:
             log("warning", "login rate limit hit from %s user=%s" % (address, quoted(name)))
             reply = self.login_failed(request, wants_json, 429, "Too many attempts; try again in %d seconds" % wait,
@@ -1125,7 +1156,7 @@ class App:
         try:
             user = self.check_password(name, password)
         except HashBusy:
-            self.address_limits.refund(address)
+            self.address_limits.refund(key)
             self.name_limits.refund(name[:64])
             reply = self.login_failed(request, wants_json, 503, "The server is busy; try again in a moment", target)
             reply.headers.append(("Retry-After", "5"))
@@ -1134,7 +1165,7 @@ class App:
             log("warning", "login failed from %s user=%s" % (address, quoted(name)))
             message = "Invalid credentials" if wants_json else "Invalid user name or password"
             return self.login_failed(request, wants_json, 401, message, target, name)
-        self.address_limits.refund(address)
+        self.address_limits.refund(key)
         self.name_limits.refund(name[:64])
         self.warn_if_cookie_will_be_dropped(request)
         log("info", "login ok from %s user=%s" % (address, quoted(user.name)))
@@ -1199,7 +1230,10 @@ class App:
 
     def return_target(self, request):
         """Where to go after login: ?rd=, else nginx's X-Original-URI, else /."""
-        rd = dict(urllib.parse.parse_qsl(request.query, max_num_fields=20)).get("rd") if request.query else None
+        try:
+            rd = dict(urllib.parse.parse_qsl(request.query, max_num_fields=20)).get("rd") if request.query else None
+        except ValueError:
+            rd = None
         if rd is None:
             rd = request.headers.get("x-original-uri")
             if rd is not None and rd.startswith(self.settings.prefix + "/"):
@@ -1296,9 +1330,9 @@ def parse_login_body(request):
 
 STYLE = """
 :root{color-scheme:light dark;--bg:#f4f5f7;--card:#fff;--text:#1d2330;--muted:#5b6472;--line:#c9ced6;
---accent:#2456d6;--accent-text:#fff;--error-bg:#fdecec;--error:#a4161a}
+--field:#878f9c;--accent:#2456d6;--accent-text:#fff;--error-bg:#fdecec;--error:#a4161a}
 @media (prefers-color-scheme:dark){:root{--bg:#12151b;--card:#1c2029;--text:#e8ebf0;--muted:#a1a9b6;
---line:#3a4150;--accent:#6b95ff;--accent-text:#0b0f17;--error-bg:#3b1d20;--error:#ffb3b3}}
+--line:#3a4150;--field:#6b7485;--accent:#6b95ff;--accent-text:#0b0f17;--error-bg:#3b1d20;--error:#ffb3b3}}
 *{box-sizing:border-box}
 body{margin:0;min-height:100vh;display:flex;align-items:center;justify-content:center;padding:24px 16px;
 background:var(--bg);color:var(--text);font:16px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
@@ -1307,7 +1341,7 @@ padding:32px 28px;box-shadow:0 8px 24px rgba(0,0,0,.08)}
 h1{font-size:1.5rem;margin:0 0 4px}
 .site{margin:0 0 24px;color:var(--muted);word-break:break-all}
 label{display:block;font-weight:600;margin:16px 0 6px}
-input{width:100%;padding:10px 12px;font:inherit;color:inherit;background:transparent;border:1px solid var(--line);
+input{width:100%;padding:10px 12px;font:inherit;color:inherit;background:transparent;border:1px solid var(--field);
 border-radius:8px}
 input:focus,button:focus{outline:3px solid var(--accent);outline-offset:2px}
 button{width:100%;margin-top:24px;padding:11px;font:inherit;font-weight:600;border:0;border-radius:8px;
@@ -1403,10 +1437,24 @@ class Request:
                 claimed = self.headers.get(name, "").strip()
                 if claimed:
                     try:
-                        return str(ipaddress.ip_address(claimed))
+                        return str(ipaddress.ip_address(claimed.split("%", 1)[0]))
                     except ValueError:
                         break
         return peer or "unix"
+
+
+def rate_key(address):
+    """The login rate limit's key for a client: an IPv4 address, or the /64 of
+    an IPv6 one (a single host usually holds a whole /64 and can rotate through it)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6:
+        if ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network("%s/64" % ip, strict=False))
+    return address
 
 
 def is_loopback(peer):
@@ -1455,7 +1503,7 @@ def parse_head(head):
         raise HTTPError(400, "malformed request line")
     method, target, version = parts
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-        raise HTTPError(505 if version.startswith(b"HTTP/") else 400, "unsupported HTTP version")
+        raise HTTPError(505 if re.fullmatch(rb"HTTP/[0-9]\.[0-9]", version) else 400, "unsupported HTTP version")
     try:
         method, target = method.decode("ascii"), target.decode("ascii")
     except UnicodeDecodeError:
@@ -1502,9 +1550,10 @@ def body_length(request):
     value = request.headers.get("content-length")
     if value is None:
         return 0
-    if not value.isdigit() or len(value) > 12:
+    if not (value.isascii() and value.isdigit()):
         raise HTTPError(400, "malformed Content-Length")
-    length = int(value)
+    digits = value.lstrip("0")
+    length = int(digits or "0") if len(digits) <= 12 else MAX_BODY + 1
     if length > MAX_BODY:
         raise HTTPError(413, "body larger than %d bytes" % MAX_BODY)
     return length
@@ -1651,8 +1700,8 @@ class AuthServer(ThreadingHTTPServer):
         self.draining = False
         self.owned_path = None  # a unix socket file to remove at exit
         if listening_socket is not None:
-            socketserver.TCPServer.__init__(self, address, Connection, bind_and_activate=False)
-            self.socket.close()
+            # No socket of our own: under RestrictAddressFamilies=AF_UNIX, socket(AF_INET) fails.
+            socketserver.BaseServer.__init__(self, address, Connection)
             self.socket = listening_socket
             self.server_address = listening_socket.getsockname()
         else:
@@ -1863,7 +1912,7 @@ def command_import_htpasswd(args, settings):
             where = "%s line %d" % (args.file, number)
             if re.fullmatch(r"[./0-9A-Za-z]{13}", password_hash):
                 report["skipped"].append("%s: %s has a DES crypt hash (htpasswd -d), which keeps only 8 characters "
-                                         "of a password; set one with 'authd.py passwd %s' after import" % (where, name, name))
+                                         "of a password; add the user anew with 'authd.py adduser %s'" % (where, name, name))
                 continue
             try:
                 user = parse_user_line(name + ":" + password_hash)
@@ -1956,6 +2005,7 @@ def run_server(server, where, app, args):
     log("info", "stopping: finishing requests in flight")
     server.draining = True
     server.shutdown()
+    server.socket.close()  # refuse new connections now, not after the drain
     drained = server.drain(timeout=5)
     server.server_close()
     if server.owned_path:
@@ -2038,7 +2088,13 @@ def main(argv=None):
         try:
             settings, warnings = settings_from_args(args)
         except SettingsError as e:
-            for problem in e.problems:
+            problems = list(e.problems)
+            if args.command == "check" and e.values.get("AUTH_USERS_FILE"):
+                try:  # check lists every problem, the users file's too
+                    read_users_file(e.values["AUTH_USERS_FILE"])
+                except UsersFileError as users_error:
+                    problems.extend(users_error.problems)
+            for problem in problems:
                 print("authd: " + problem, file=sys.stderr)
             return 1 if args.command == "check" else 2
         for warning in warnings:
