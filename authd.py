@@ -500,7 +500,8 @@ class UsersFileLock:
             # the service's own user cannot open next time
             try:
                 st = os.stat(self.users_path)
-                os.fchown(self.fd, st.st_uid, st.st_gid)
+                if (st.st_uid, st.st_gid) != (0, 0):
+                    os.fchown(self.fd, st.st_uid, st.st_gid)
             except OSError:
                 pass
         fcntl.flock(self.fd, fcntl.LOCK_EX)
