@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """authd: a login server for NGINX auth_request, in one standard-library file.
 
-NGINX asks ``GET /__auth/auth`` on every protected request; authd answers 200
-(with X-Auth-User) when the browser holds a valid signed session cookie, 401
-when it does not. authd also serves the login page, issues and refreshes the
-cookie, and logs out. Users live in a plain text file. See README.md.
+NGINX asks ``P/auth`` (P is AUTH_PREFIX, /__auth by default) on every
+protected request; authd answers 200 (with X-Auth-User) when the browser holds
+a valid signed session cookie, 401 when it does not. authd also serves the
+login page, issues and refreshes the cookie, and logs out. Users live in a
+plain text file. See README.md.
 
-The file reads in the order data flows:
-settings -> users file -> password hashes -> tokens -> HTTP handler ->
-command line -> main.
+The file reads in the order data flows, one banner per section:
+logging -> settings -> password hashes -> users file -> tokens ->
+rate limits -> request and reply -> pages -> app -> server -> command line ->
+main.
 """
 
 import argparse
@@ -16,8 +18,8 @@ import base64
 import binascii
 import ctypes
 import ctypes.util
-import errno
 import fcntl
+import functools
 import getpass
 import hashlib
 import hmac
@@ -37,11 +39,12 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 
 __version__ = "1.0.0"
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DAY = 86400  # seconds
 
 
 # ---------------------------------------------------------------------------
@@ -76,14 +79,15 @@ class Failure(Exception):
 # ---------------------------------------------------------------------------
 # Settings. Sources, highest first: command-line flags, environment, the .env
 # file, built-in defaults. Every value is checked at start-up, and a bad one is
-# reported by name.
+# reported by name. The parsers below are made by a few parameterised
+# functions; the SETTINGS table says which one each setting uses.
 # ---------------------------------------------------------------------------
 
 SECRET_HINT = ("generate one with: python3 -c 'import secrets; "
                "print(secrets.token_urlsafe(48))'")
 
 
-def _parse_bool(value):
+def boolean(value):
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -92,62 +96,67 @@ def _parse_bool(value):
     raise ValueError("must be true or false")
 
 
-def _parse_port(value):
-    if not value.strip().isdigit() or int(value) > 65535:
-        raise ValueError("must be a port number from 0 to 65535")
-    return int(value)
+def optional(value):
+    return value or None
 
 
-def _parse_days(value, allow_zero=False):
-    try:
-        days = float(value)
-    except ValueError:
-        raise ValueError("must be a number of days, such as 7 or 0.5") from None
-    if days != days or days in (float("inf"), float("-inf")) or days < 0 or (days == 0 and not allow_zero):
-        raise ValueError("must be a positive number of days" + (" or 0" if allow_zero else ""))
-    return days
+def whole_number(low, high, unit="", message=None):
+    """A parser for a whole number from LOW to HIGH (ASCII digits only)."""
+    message = message or "must be a whole number%s from %d to %d" % (unit and " of " + unit, low, high)
+
+    def parse(value):
+        text = value.strip()
+        if not (text.isascii() and text.isdigit() and low <= int(text) <= high):
+            raise ValueError(message)
+        return int(text)
+    return parse
 
 
-def _parse_positive_int(value, upper=10 ** 6):
-    if not value.strip().isdigit() or not 1 <= int(value) <= upper:
-        raise ValueError("must be a whole number from 1 to %d" % upper)
-    return int(value)
+def real_number(unit, example, high, zero_means=None):
+    """A parser for a number of UNIT above 0 and at most HIGH; 0 too when
+    ZERO_MEANS says what it means."""
+    def parse(value):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError("must be a number of %s, such as %s" % (unit, example)) from None
+        if not (0 < number <= high or (zero_means and number == 0)):  # NaN fails both
+            raise ValueError("must be a number of %s above 0 and at most %g%s"
+                             % (unit, high, ", or 0 for " + zero_means if zero_means else ""))
+        return number
+    return parse
 
 
-def _parse_rate(value):
+def matching(pattern, message, convert=str):
+    """A parser for text that PATTERN matches as a whole."""
+    regex = re.compile(pattern)
+
+    def parse(value):
+        if not regex.fullmatch(value):
+            raise ValueError(message)
+        return convert(value)
+    return parse
+
+
+def one_of(*choices):
+    """A parser for one of CHOICES, in any case; returns it as spelled here."""
+    def parse(value):
+        for choice in choices:
+            if value.strip().lower() == choice.lower():
+                return choice
+        raise ValueError("must be %s or %s" % (", ".join(choices[:-1]), choices[-1]))
+    return parse
+
+
+def login_rate(value):
     match = re.fullmatch(r"\s*(\d{1,9})\s*/\s*(\d{1,9})\s*", value)
     if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
         raise ValueError("must be ATTEMPTS/SECONDS, such as 15/900")
     return int(match.group(1)), int(match.group(2))
 
 
-def _parse_cookie_name(value):
-    if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}", value):
-        raise ValueError("must be a cookie name (letters, digits, -, _)")
-    return value
-
-
-def _parse_domain(value):
-    value = value.strip()
-    if value and not re.fullmatch(r"\.?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*", value):
-        raise ValueError("must be a domain name such as example.com")
-    return value or None
-
-
-def _parse_samesite(value):
-    for choice in ("Strict", "Lax", "None"):
-        if value.strip().lower() == choice.lower():
-            return choice
-    raise ValueError("must be Strict, Lax or None")
-
-
-def _parse_prefix(value):
-    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value):
-        raise ValueError("must be a path such as /__auth (no trailing slash)")
-    return value
-
-
-def _parse_secrets(value):
+def secret_list(value):
+    """One or more HMAC keys, separated by commas or white space."""
     keys = [k for k in re.split(r"[,\s]+", value) if k]
     if not keys:
         return None
@@ -158,78 +167,58 @@ def _parse_secrets(value):
     return keys
 
 
-def _parse_mode(value):
-    if not re.fullmatch(r"0?[0-7]{3}", value.strip()):
-        raise ValueError("must be an octal file mode such as 0660")
-    return int(value, 8)
-
-
-def _parse_seconds(value):
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ValueError("must be a number of seconds") from None
-    if not 0 < seconds <= 86400:
-        raise ValueError("must be a number of seconds from 0 to 86400")
-    return seconds
-
-
-def _parse_cache_seconds(value):
-    if not value.strip().isdigit() or int(value) > 3600:
-        raise ValueError("must be a whole number of seconds from 0 to 3600")
-    return int(value)
-
-
-def _text(value):
-    return value
-
-
-def _optional_text(value):
-    return value or None
-
-
-# name: (default, parser, attribute, safe to change on SIGHUP)
+LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+Setting = namedtuple("Setting", "default parse attribute reloadable")
 SETTINGS = {
-    "AUTH_HOST": ("127.0.0.1", _text, "host", False),
-    "AUTH_PORT": ("3003", _parse_port, "port", False),
-    "AUTH_SOCKET": ("", _optional_text, "socket", False),
-    "AUTH_SOCKET_MODE": ("0660", _parse_mode, "socket_mode", False),
-    "AUTH_TOKEN_SECRET": ("", _parse_secrets, "token_secrets", True),
-    "AUTH_SECRET_FILE": ("", _optional_text, "secret_file", False),
-    "AUTH_USERS_FILE": (os.path.join(HERE, "users.txt"), _text, "users_file", False),
-    "AUTH_BYPASS": ("", _optional_text, "bypass", True),
-    "AUTH_EXPIRY_DAYS": ("7", _parse_days, "expiry_days", True),
-    "AUTH_MAX_AGE_DAYS": ("30", lambda v: _parse_days(v, allow_zero=True), "max_age_days", True),
-    "AUTH_COOKIE_NAME": ("authToken", _parse_cookie_name, "cookie_name", True),
-    "AUTH_COOKIE_SECURE": ("true", _parse_bool, "cookie_secure", True),
-    "AUTH_COOKIE_DOMAIN": ("", _parse_domain, "cookie_domain", True),
-    "AUTH_COOKIE_SAMESITE": ("Lax", _parse_samesite, "cookie_samesite", True),
-    "AUTH_PREFIX": ("/__auth", _parse_prefix, "prefix", False),
-    "AUTH_LOGIN_RATE": ("15/900", _parse_rate, "login_rate", True),
-    "AUTH_MAX_CONNECTIONS": ("256", lambda v: _parse_positive_int(v, 10000), "max_connections", False),
-    "AUTH_CACHE_SECONDS": ("0", _parse_cache_seconds, "cache_seconds", True),
-    "AUTH_IDLE_TIMEOUT": ("75", _parse_seconds, "idle_timeout", True),
-    "AUTH_HEADER_TIMEOUT": ("10", _parse_seconds, "header_timeout", True),
+    "AUTH_HOST": Setting("127.0.0.1", str, "host", False),
+    "AUTH_PORT": Setting("3003", whole_number(0, 65535, message="must be a port number from 0 to 65535"),
+                         "port", False),
+    "AUTH_SOCKET": Setting("", optional, "socket", False),
+    "AUTH_SOCKET_MODE": Setting("0660", matching(r"\s*0?[0-7]{3}\s*", "must be an octal file mode such as 0660",
+                                                 lambda text: int(text, 8)), "socket_mode", False),
+    "AUTH_TOKEN_SECRET": Setting("", secret_list, "token_secrets", True),
+    "AUTH_SECRET_FILE": Setting("", optional, "secret_file", False),
+    "AUTH_USERS_FILE": Setting(os.path.join(HERE, "users.txt"), str, "users_file", False),
+    "AUTH_BYPASS": Setting("", optional, "bypass", True),
+    "AUTH_EXPIRY_DAYS": Setting("7", real_number("days", "7 or 0.5", 36500), "expiry_days", True),
+    "AUTH_MAX_AGE_DAYS": Setting("30", real_number("days", "30 or 0.5", 36500, zero_means="unlimited"),
+                                 "max_age_days", True),
+    "AUTH_COOKIE_NAME": Setting("authToken", matching(
+        r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}", "must be a cookie name: 1 to 64 letters, digits or !#$%&'*+.^_`|~-"),
+        "cookie_name", True),
+    "AUTH_COOKIE_SECURE": Setting("true", boolean, "cookie_secure", True),
+    "AUTH_COOKIE_DOMAIN": Setting("", matching(r"(\.?%s(\.%s)*)?" % (LABEL, LABEL),
+                                               "must be a domain name such as example.com", optional),
+                                  "cookie_domain", True),
+    "AUTH_COOKIE_SAMESITE": Setting("Lax", one_of("Strict", "Lax", "None"), "cookie_samesite", True),
+    "AUTH_PREFIX": Setting("/__auth", matching(r"(/[A-Za-z0-9._~-]+)+",
+                                               "must be a path such as /__auth (no trailing slash)"), "prefix", False),
+    "AUTH_LOGIN_RATE": Setting("15/900", login_rate, "login_rate", True),
+    "AUTH_MAX_CONNECTIONS": Setting("256", whole_number(1, 10000), "max_connections", False),
+    "AUTH_CACHE_SECONDS": Setting("0", whole_number(0, 3600, "seconds"), "cache_seconds", True),
+    "AUTH_IDLE_TIMEOUT": Setting("75", real_number("seconds", "75", DAY), "idle_timeout", True),
+    "AUTH_HEADER_TIMEOUT": Setting("10", real_number("seconds", "10", DAY), "header_timeout", True),
 }
+SECRET_SETTINGS = ("AUTH_TOKEN_SECRET", "AUTH_BYPASS")  # never echoed in a message
 
 
 class Settings:
     """The checked settings, as attributes named in SETTINGS."""
 
-    def __init__(self, values, env_file):
-        for name, (_, _, attribute, _) in SETTINGS.items():
-            setattr(self, attribute, values[name])
-        self.env_file = env_file
+    def __init__(self, values):
+        for name, setting in SETTINGS.items():
+            setattr(self, setting.attribute, values[name])
         if self.secret_file is None:
             self.secret_file = os.path.join(os.path.dirname(os.path.abspath(self.users_file)), ".authd_secret")
 
-    def copy_unsafe_from(self, old):
-        """On reload, keep what cannot change while the server runs."""
+    def keep_restart_only(self, running):
+        """On reload, keep the RUNNING values of the settings that only a
+        restart can change; returns the names of those that differed."""
         changed = []
-        for name, (_, _, attribute, safe) in SETTINGS.items():
-            if not safe and getattr(self, attribute) != getattr(old, attribute):
+        for name, setting in SETTINGS.items():
+            if not setting.reloadable and getattr(self, setting.attribute) != getattr(running, setting.attribute):
                 changed.append(name)
-                setattr(self, attribute, getattr(old, attribute))
+                setattr(self, setting.attribute, getattr(running, setting.attribute))
         return changed
 
 
@@ -304,22 +293,18 @@ def load_settings(flags=None, environ=None, env_file=None, env_required=False):
     env_file = env_file or os.path.join(HERE, ".env")
     file_values, warnings = read_env_file(env_file, env_required)
     values, problems = {}, []
-    for name, (default, parse, _, _) in SETTINGS.items():
-        for source in (flags, environ, file_values):
-            if source.get(name) is not None:
-                raw = source[name]
-                break
-        else:
-            raw = default
+    for name, setting in SETTINGS.items():
+        raw = next((source[name] for source in (flags, environ, file_values) if source.get(name) is not None),
+                   setting.default)
         try:
-            values[name] = parse(str(raw))
+            values[name] = setting.parse(str(raw))
         except ValueError as e:
-            problems.append("%s: %s (got %r)" % (name, e, raw if name not in ("AUTH_TOKEN_SECRET", "AUTH_BYPASS") else "..."))
+            problems.append("%s: %s (got %r)" % (name, e, "..." if name in SECRET_SETTINGS else raw))
     if values.get("AUTH_COOKIE_SAMESITE") == "None" and values.get("AUTH_COOKIE_SECURE") is False:
         problems.append("AUTH_COOKIE_SAMESITE: None needs AUTH_COOKIE_SECURE=true (browsers refuse it otherwise)")
     if problems:
         raise SettingsError(problems, values)
-    return Settings(values, env_file), warnings
+    return Settings(values), warnings
 
 
 def load_secrets(settings, create=True):
@@ -349,12 +334,202 @@ def load_secrets(settings, create=True):
     except (OSError, UnicodeDecodeError) as e:
         raise Failure("%s: cannot read the secret file: %s" % (path, getattr(e, "strerror", None) or e))
     try:
-        keys = _parse_secrets(text)
+        keys = secret_list(text)
     except ValueError as e:
         raise Failure("%s: %s" % (path, e))
     if not keys:
         raise Failure("%s: the secret file is empty; delete it to have a new one made" % path)
     return [k.encode("utf-8") for k in keys]
+
+
+# ---------------------------------------------------------------------------
+# Password hashes. Native: scrypt in passlib's "$scrypt$ln=,r=,p=$salt$hash"
+# form. Legacy formats from htpasswd and crypt(3) verify too, and are replaced
+# by scrypt at the next successful login.
+# ---------------------------------------------------------------------------
+
+SCRYPT_LN, SCRYPT_R, SCRYPT_P = 17, 8, 1          # 128 MiB and ~0.4 s per hash
+SCRYPT_MAX_MEMORY = 1 << 30                        # refuse hashes that ask for more
+HASH_SLOTS = threading.BoundedSemaphore(2)         # scrypt runs at most this many at once
+HASH_WAIT = 10.0                                   # seconds a login waits for a slot
+SCRYPT_RE = re.compile(r"\$scrypt\$ln=(\d{1,2}),r=(\d{1,3}),p=(\d{1,2})\$([A-Za-z0-9+/.]{1,128})\$([A-Za-z0-9+/.]{16,128})")
+CRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$", "$5$", "$6$", "$y$")
+CRYPT_SAMPLES = {
+    "$2a$": "$2a$04$abcdefghijklmnopqrstuu", "$2b$": "$2b$04$abcdefghijklmnopqrstuu",
+    "$2y$": "$2y$04$abcdefghijklmnopqrstuu", "$5$": "$5$rounds=1000$abcdefgh",
+    "$6$": "$6$rounds=1000$abcdefgh", "$y$": "$y$j75$abcdefghijklmnop",
+}
+
+
+class HashBusy(Exception):
+    """Every hashing slot stayed taken for HASH_WAIT seconds."""
+
+
+def _b64_decode(text):
+    text = text.replace(".", "+")  # passlib's "adapted base64" uses . for +
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+def _b64_encode(data):
+    return base64.b64encode(data).decode("ascii").rstrip("=")
+
+
+def parse_scrypt_hash(value):
+    """-> (n, r, p, salt, checksum) or ValueError."""
+    match = SCRYPT_RE.fullmatch(value)
+    if not match:
+        raise ValueError("malformed $scrypt$ hash")
+    ln, r, p = int(match.group(1)), int(match.group(2)), int(match.group(3))
+    if not (1 <= ln <= 24 and 1 <= r <= 64 and 1 <= p <= 16) or 128 * r * (2 ** ln + p + 2) > SCRYPT_MAX_MEMORY:
+        raise ValueError("$scrypt$ parameters out of range (ln=%d, r=%d, p=%d)" % (ln, r, p))
+    try:
+        return 2 ** ln, r, p, _b64_decode(match.group(4)), _b64_decode(match.group(5))
+    except (binascii.Error, ValueError):
+        raise ValueError("malformed base64 in $scrypt$ hash") from None
+
+
+class hash_slot:
+    """Bounds concurrent hashing: scrypt takes 128 MiB a run."""
+
+    def __enter__(self):
+        if not HASH_SLOTS.acquire(timeout=HASH_WAIT):
+            raise HashBusy()
+
+    def __exit__(self, *exc):
+        HASH_SLOTS.release()
+
+
+def scrypt(password, salt, n, r, p, length):
+    memory = 128 * r * (n + p + 2) + (1 << 20)
+    with hash_slot():
+        return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=memory, dklen=length)
+
+
+def hash_password(password):
+    salt = secrets.token_bytes(16)
+    checksum = scrypt(password.encode("utf-8"), salt, 2 ** SCRYPT_LN, SCRYPT_R, SCRYPT_P, 32)
+    return "$scrypt$ln=%d,r=%d,p=%d$%s$%s" % (SCRYPT_LN, SCRYPT_R, SCRYPT_P, _b64_encode(salt), _b64_encode(checksum))
+
+
+def is_legacy_hash(value):
+    """Formats replaced by scrypt at the next login. (scrypt hashes keep their
+    parameters; 'passwd' re-hashes with the current ones.)"""
+    return not value.startswith("$scrypt$")
+
+
+# A random hash with the default cost, whose password nobody knows: an unknown
+# user name is checked against it, so it costs the same time as a known one.
+DUMMY_HASH = "$scrypt$ln=%d,r=%d,p=%d$%s$%s" % (SCRYPT_LN, SCRYPT_R, SCRYPT_P,
+                                                  _b64_encode(secrets.token_bytes(16)), _b64_encode(secrets.token_bytes(32)))
+
+_ITOA64 = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def apr1_md5(password, salt):
+    """Apache's $apr1$ MD5-crypt (htpasswd -m), -> the full hash string."""
+    magic = b"$apr1$"
+    salt = salt[:8]
+    alternate = hashlib.md5(password + salt + password).digest()
+    ctx = password + magic + salt
+    for i in range(len(password), 0, -16):
+        ctx += alternate[:min(16, i)]
+    i = len(password)
+    while i:
+        ctx += b"\0" if i & 1 else password[:1]
+        i >>= 1
+    final = hashlib.md5(ctx).digest()
+    for i in range(1000):
+        step = (password if i & 1 else final) + (salt if i % 3 else b"") + (password if i % 7 else b"")
+        final = hashlib.md5(step + (final if i & 1 else password)).digest()
+    out = ""
+    for a, b, c in ((0, 6, 12), (1, 7, 13), (2, 8, 14), (3, 9, 15), (4, 10, 5)):
+        v = (final[a] << 16) | (final[b] << 8) | final[c]
+        for _ in range(4):
+            out += _ITOA64[v & 63]
+            v >>= 6
+    v = final[11]
+    for _ in range(2):
+        out += _ITOA64[v & 63]
+        v >>= 6
+    return "$apr1$" + salt.decode("ascii") + "$" + out
+
+
+_libcrypt = None
+_libcrypt_lock = threading.Lock()  # crypt(3) keeps its result in static storage
+
+
+def system_crypt(password, setting):
+    """crypt(3) from the system's libcrypt, or None when it is missing or refuses."""
+    global _libcrypt
+    with _libcrypt_lock:
+        if _libcrypt is None:
+            name = ctypes.util.find_library("crypt")
+            try:
+                _libcrypt = ctypes.CDLL(name or "libcrypt.so.1")
+                _libcrypt.crypt.restype = ctypes.c_char_p
+                _libcrypt.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+            except (OSError, AttributeError):
+                _libcrypt = False
+        if not _libcrypt:
+            return None
+        result = _libcrypt.crypt(password, setting.encode("ascii"))
+    if not result or result.startswith(b"*"):
+        return None
+    return result.decode("ascii", "replace")
+
+
+@functools.lru_cache(maxsize=None)
+def crypt_supports(prefix):
+    return system_crypt(b"probe", CRYPT_SAMPLES[prefix]) is not None
+
+
+def check_hash_format(value):
+    """ValueError unless this system can verify VALUE."""
+    if value.startswith("$scrypt$"):
+        parse_scrypt_hash(value)
+    elif value.startswith("$apr1$"):
+        if not re.fullmatch(r"\$apr1\$[^$]{1,8}\$[./0-9A-Za-z]{22}", value):
+            raise ValueError("malformed $apr1$ hash")
+    elif value.startswith("{SHA}"):
+        try:
+            if len(base64.b64decode(value[5:], validate=True)) != 20:
+                raise ValueError
+        except (binascii.Error, ValueError):
+            raise ValueError("malformed {SHA} hash") from None
+    elif value.startswith(CRYPT_PREFIXES):
+        prefix = next(p for p in CRYPT_PREFIXES if value.startswith(p))
+        if not re.fullmatch(r"\$[0-9a-z]{1,2}\$[./0-9A-Za-z$=,]{8,200}", value):
+            raise ValueError("malformed %s hash" % prefix)
+        cost = re.match(r"\$2.\$(\d\d)\$|\$[56]\$rounds=(\d+)\$", value)
+        if cost and (int(cost.group(1) or 0) > 16 or int(cost.group(2) or 0) > 1000000):
+            raise ValueError("%s hash is too costly to verify (bcrypt cost over 16 or over a million rounds)" % prefix)
+        if not crypt_supports(prefix):
+            raise ValueError("this system's libcrypt cannot verify %s hashes; set a new password with "
+                             "'authd.py passwd NAME'" % prefix)
+    else:
+        raise ValueError("unknown hash format %s... (authd knows $scrypt$, $apr1$, {SHA}, $2y$/$2b$/$2a$ "
+                         "bcrypt, $5$, $6$ and $y$)" % quoted(value[:8]))
+
+
+def verify_password(password, stored):
+    """True if PASSWORD matches the stored hash. Compares in constant time."""
+    secret = password.encode("utf-8")
+    if stored.startswith("$scrypt$"):
+        n, r, p, salt, checksum = parse_scrypt_hash(stored)
+        return hmac.compare_digest(scrypt(secret, salt, n, r, p, len(checksum)), checksum)
+    if stored.startswith("$apr1$"):
+        salt = stored[6:].split("$", 1)[0].encode("ascii")
+        return hmac.compare_digest(apr1_md5(secret, salt).encode(), stored.encode())
+    if stored.startswith("{SHA}"):
+        digest = "{SHA}" + base64.b64encode(hashlib.sha1(secret).digest()).decode("ascii")
+        return hmac.compare_digest(digest.encode(), stored.encode())
+    if stored.startswith(CRYPT_PREFIXES):
+        if b"\0" in secret:
+            return False
+        with hash_slot():
+            result = system_crypt(secret, stored)
+        return result is not None and hmac.compare_digest(result.encode(), stored.encode())
+    return False
 
 
 # ---------------------------------------------------------------------------
@@ -369,6 +544,13 @@ MAX_USERS_FILE = 16 << 20
 
 def valid_name(name):
     return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
+
+
+def check_name(name, what="user name"):
+    """ValueError, stating the rules, unless NAME may name a user or a group."""
+    if not valid_name(name):
+        raise ValueError("bad %s %s: 1 to 64 characters, no ':', ',', spaces or control characters"
+                         % (what, quoted(name)))
 
 
 class User:
@@ -399,6 +581,10 @@ class UsersFileError(Failure):
         self.problems = problems
 
 
+def is_plaintext(field):
+    return not (field.startswith("$") or field.startswith("{SHA}"))
+
+
 def parse_user_line(line):
     """One users-file line -> User, None (comment or blank), or ValueError.
 
@@ -412,22 +598,15 @@ def parse_user_line(line):
     if len(fields) > 3:
         raise ValueError("too many ':' (expected name:hash or name:hash:groups)")
     name, password_hash = fields[0], fields[1]
-    if not valid_name(name):
-        raise ValueError("bad user name %s: 1 to 64 characters, no ':', ',', spaces or control characters"
-                         % quoted(name))
+    check_name(name)
     if not password_hash:
         raise ValueError("user %s has an empty password" % name)
-    groups = [g for g in fields[2].split(",")] if len(fields) == 3 and fields[2] else []
+    groups = fields[2].split(",") if len(fields) == 3 and fields[2] else []
     for group in groups:
-        if not valid_name(group):
-            raise ValueError("bad group name %s for user %s" % (quoted(group), name))
+        check_name(group, "group name")
     if not is_plaintext(password_hash):
         check_hash_format(password_hash)
     return User(name, password_hash, groups)
-
-
-def is_plaintext(field):
-    return not (field.startswith("$") or field.startswith("{SHA}"))
 
 
 def parse_users_text(text, path):
@@ -456,13 +635,12 @@ def parse_users_text(text, path):
 
 
 def read_users_file(path):
-    """(entries, users, stat) of the users file; an absent file has no users."""
+    """(entries, users) of the users file; an absent file has no users."""
     try:
         with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
             data = f.read(MAX_USERS_FILE + 1)
     except FileNotFoundError:
-        return [], {}, None
+        return [], {}
     except OSError as e:
         raise UsersFileError(["%s: cannot read: %s" % (path, e.strerror)])
     if len(data) > MAX_USERS_FILE:
@@ -471,8 +649,7 @@ def read_users_file(path):
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise UsersFileError(["%s: not UTF-8 text (byte %d)" % (path, e.start)])
-    entries, users = parse_users_text(text, path)
-    return entries, users, st
+    return parse_users_text(text, path)
 
 
 def render_users(entries):
@@ -544,7 +721,7 @@ def write_file_atomically(path, text, default_mode=0o600):
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             os.fchmod(f.fileno(), mode)
-            if owner and hasattr(os, "fchown") and owner != (os.geteuid(), os.getegid()):
+            if owner and owner != (os.geteuid(), os.getegid()):
                 try:
                     os.fchown(f.fileno(), *owner)
                 except PermissionError:
@@ -570,33 +747,38 @@ def write_file_atomically(path, text, default_mode=0o600):
 
 
 def edit_users_file(path, change):
-    """Lock, read, call change(entries, users) -> message, write back atomically."""
+    """Lock, read, call change(entries, users) -> message, write back
+    atomically (only if something changed), return the message."""
     with UsersFileLock(path):
         remove_stale_temp_files(path)
-        entries, users, _ = read_users_file(path)
+        entries, users = read_users_file(path)
+        before = render_users(entries)
         message = change(entries, users)
-        write_file_atomically(path, render_users(entries))
+        after = render_users(entries)
+        if after != before:
+            write_file_atomically(path, after)
         return message
+
+
+def set_hash(entries, name, new_hash):
+    """Replace the hash of user NAME in ENTRIES (a users file being edited)."""
+    for i, entry in enumerate(entries):
+        if isinstance(entry, User) and entry.name == name:
+            entries[i] = User(name, new_hash, entry.groups)
+            return
+    raise KeyError(name)
 
 
 def hash_plaintext_lines(path):
     """Replace plaintext passwords in the users file with scrypt hashes.
     Returns the names that were converted."""
-    converted = []
-
     def convert(entries, users):
-        for i, entry in enumerate(entries):
-            if isinstance(entry, User) and is_plaintext(entry.hash):
-                entries[i] = User(entry.name, hash_password(entry.hash), entry.groups)
-                converted.append(entry.name)
+        names = [u.name for u in users.values() if is_plaintext(u.hash)]
+        for name in names:
+            set_hash(entries, name, hash_password(users[name].hash))
+        return names
 
-    with UsersFileLock(path):
-        remove_stale_temp_files(path)
-        entries, users, _ = read_users_file(path)
-        convert(entries, users)
-        if converted:
-            write_file_atomically(path, render_users(entries))
-    return converted
+    return edit_users_file(path, convert)
 
 
 class UsersStore:
@@ -608,7 +790,7 @@ class UsersStore:
         self.users = {}
         self.signature = None
 
-    def _file_signature(self):
+    def file_signature(self):
         try:
             st = os.stat(self.path)
         except OSError:
@@ -618,223 +800,25 @@ class UsersStore:
     def load(self):
         """Read the file (hashing any plaintext passwords first). Raises
         UsersFileError and keeps the users it had."""
-        signature = self._file_signature()
-        _, users, _ = read_users_file(self.path)
+        signature = self.file_signature()
+        _, users = read_users_file(self.path)
         if any(is_plaintext(u.hash) for u in users.values()):
             names = hash_plaintext_lines(self.path)
             log("info", "hashed the plaintext passwords of %s in %s" % (", ".join(names), self.path))
-            signature = self._file_signature()
-            _, users, _ = read_users_file(self.path)
+            signature = self.file_signature()
+            _, users = read_users_file(self.path)
         self.users, self.signature = users, signature
         return users
 
     def changed(self):
-        return self._file_signature() != self.signature
+        return self.file_signature() != self.signature
 
     def upgrade_hash(self, name, password):
-        """After a login with a legacy or weaker hash: store a new scrypt hash."""
+        """After a login with a legacy hash: store a new scrypt hash."""
         new_hash = hash_password(password)
-
-        def change(entries, users):
-            for i, entry in enumerate(entries):
-                if isinstance(entry, User) and entry.name == name:
-                    entries[i] = User(name, new_hash, entry.groups)
-
-        edit_users_file(self.path, change)
+        edit_users_file(self.path, lambda entries, users: set_hash(entries, name, new_hash))
         self.load()
         return self.users.get(name)
-
-
-# ---------------------------------------------------------------------------
-# Password hashes. Native: scrypt in passlib's "$scrypt$ln=,r=,p=$salt$hash"
-# form. Legacy formats from htpasswd and crypt(3) verify too, and are replaced
-# by scrypt at the next successful login.
-# ---------------------------------------------------------------------------
-
-SCRYPT_LN, SCRYPT_R, SCRYPT_P = 17, 8, 1          # 128 MiB and ~0.4 s per hash
-SCRYPT_MAX_MEMORY = 1 << 30                        # refuse hashes that ask for more
-HASH_SLOTS = threading.BoundedSemaphore(2)         # scrypt runs at most this many at once
-HASH_WAIT = 10.0                                   # seconds a login waits for a slot
-SCRYPT_RE = re.compile(r"\$scrypt\$ln=(\d{1,2}),r=(\d{1,3}),p=(\d{1,2})\$([A-Za-z0-9+/.]{1,128})\$([A-Za-z0-9+/.]{16,128})")
-CRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$", "$5$", "$6$", "$y$")
-CRYPT_SAMPLES = {
-    "$2a$": "$2a$04$abcdefghijklmnopqrstuu", "$2b$": "$2b$04$abcdefghijklmnopqrstuu",
-    "$2y$": "$2y$04$abcdefghijklmnopqrstuu", "$5$": "$5$rounds=1000$abcdefgh",
-    "$6$": "$6$rounds=1000$abcdefgh", "$y$": "$y$j75$abcdefghijklmnop",
-}
-
-
-class HashBusy(Exception):
-    """Every hashing slot stayed taken for HASH_WAIT seconds."""
-
-
-def _b64_decode(text):
-    text = text.replace(".", "+")  # passlib's "adapted base64" uses . for +
-    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-
-
-def _b64_encode(data):
-    return base64.b64encode(data).decode("ascii").rstrip("=")
-
-
-def parse_scrypt_hash(value):
-    """-> (n, r, p, salt, checksum) or ValueError."""
-    match = SCRYPT_RE.fullmatch(value)
-    if not match:
-        raise ValueError("malformed $scrypt$ hash")
-    ln, r, p = int(match.group(1)), int(match.group(2)), int(match.group(3))
-    if not (1 <= ln <= 24 and 1 <= r <= 64 and 1 <= p <= 16) or 128 * r * (2 ** ln + p + 2) > SCRYPT_MAX_MEMORY:
-        raise ValueError("$scrypt$ parameters out of range (ln=%d, r=%d, p=%d)" % (ln, r, p))
-    try:
-        return 2 ** ln, r, p, _b64_decode(match.group(4)), _b64_decode(match.group(5))
-    except (binascii.Error, ValueError):
-        raise ValueError("malformed base64 in $scrypt$ hash") from None
-
-
-def scrypt(password, salt, n, r, p, length):
-    memory = 128 * r * (n + p + 2) + (1 << 20)
-    with hash_slot():
-        return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=memory, dklen=length)
-
-
-class hash_slot:
-    """Bounds concurrent hashing: scrypt takes 128 MiB a run."""
-
-    def __enter__(self):
-        if not HASH_SLOTS.acquire(timeout=HASH_WAIT):
-            raise HashBusy()
-
-    def __exit__(self, *exc):
-        HASH_SLOTS.release()
-
-
-def hash_password(password):
-    salt = secrets.token_bytes(16)
-    checksum = scrypt(password.encode("utf-8"), salt, 2 ** SCRYPT_LN, SCRYPT_R, SCRYPT_P, 32)
-    return "$scrypt$ln=%d,r=%d,p=%d$%s$%s" % (SCRYPT_LN, SCRYPT_R, SCRYPT_P, _b64_encode(salt), _b64_encode(checksum))
-
-
-def is_legacy_hash(value):
-    """Formats replaced by scrypt at the next login. (scrypt hashes keep their
-    parameters; 'passwd' re-hashes with the current ones.)"""
-    return not value.startswith("$scrypt$")
-
-
-# A hash of nothing, with the default cost: an unknown user name is checked
-# against it, so it costs the same time as a known one.
-DUMMY_HASH = "$scrypt$ln=%d,r=%d,p=%d$%s$%s" % (SCRYPT_LN, SCRYPT_R, SCRYPT_P,
-                                                  _b64_encode(secrets.token_bytes(16)), _b64_encode(secrets.token_bytes(32)))
-
-_ITOA64 = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-
-
-def apr1_md5(password, salt):
-    """Apache's $apr1$ MD5-crypt (htpasswd -m), -> the full hash string."""
-    magic = b"$apr1$"
-    salt = salt[:8]
-    alternate = hashlib.md5(password + salt + password).digest()
-    ctx = password + magic + salt
-    for i in range(len(password), 0, -16):
-        ctx += alternate[:min(16, i)]
-    i = len(password)
-    while i:
-        ctx += b"\0" if i & 1 else password[:1]
-        i >>= 1
-    final = hashlib.md5(ctx).digest()
-    for i in range(1000):
-        step = (password if i & 1 else final) + (salt if i % 3 else b"") + (password if i % 7 else b"")
-        final = hashlib.md5(step + (final if i & 1 else password)).digest()
-    out = ""
-    for a, b, c in ((0, 6, 12), (1, 7, 13), (2, 8, 14), (3, 9, 15), (4, 10, 5)):
-        v = (final[a] << 16) | (final[b] << 8) | final[c]
-        for _ in range(4):
-            out += _ITOA64[v & 63]
-            v >>= 6
-    v = final[11]
-    for _ in range(2):
-        out += _ITOA64[v & 63]
-        v >>= 6
-    return "$apr1$" + salt.decode("ascii") + "$" + out
-
-
-_libcrypt = None
-_libcrypt_lock = threading.Lock()  # crypt(3) keeps its result in static storage
-_crypt_support = {}
-
-
-def system_crypt(password, setting):
-    """crypt(3) from the system's libcrypt, or None when it is missing or refuses."""
-    global _libcrypt
-    with _libcrypt_lock:
-        if _libcrypt is None:
-            name = ctypes.util.find_library("crypt")
-            try:
-                _libcrypt = ctypes.CDLL(name or "libcrypt.so.1")
-                _libcrypt.crypt.restype = ctypes.c_char_p
-                _libcrypt.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
-            except (OSError, AttributeError):
-                _libcrypt = False
-        if not _libcrypt:
-            return None
-        result = _libcrypt.crypt(password, setting.encode("ascii"))
-    if not result or result.startswith(b"*"):
-        return None
-    return result.decode("ascii", "replace")
-
-
-def crypt_supports(prefix):
-    if prefix not in _crypt_support:
-        _crypt_support[prefix] = system_crypt(b"probe", CRYPT_SAMPLES[prefix]) is not None
-    return _crypt_support[prefix]
-
-
-def check_hash_format(value):
-    """ValueError unless this system can verify VALUE."""
-    if value.startswith("$scrypt$"):
-        parse_scrypt_hash(value)
-    elif value.startswith("$apr1$"):
-        if not re.fullmatch(r"\$apr1\$[^$]{1,8}\$[./0-9A-Za-z]{22}", value):
-            raise ValueError("malformed $apr1$ hash")
-    elif value.startswith("{SHA}"):
-        try:
-            if len(base64.b64decode(value[5:], validate=True)) != 20:
-                raise ValueError
-        except (binascii.Error, ValueError):
-            raise ValueError("malformed {SHA} hash") from None
-    elif value.startswith(CRYPT_PREFIXES):
-        prefix = next(p for p in CRYPT_PREFIXES if value.startswith(p))
-        if not re.fullmatch(r"\$[0-9a-z]{1,2}\$[./0-9A-Za-z$=,]{8,200}", value):
-            raise ValueError("malformed %s hash" % prefix)
-        cost = re.match(r"\$2.\$(\d\d)\$|\$[56]\$rounds=(\d+)\$", value)
-        if cost and (int(cost.group(1) or 0) > 16 or int(cost.group(2) or 0) > 1000000):
-            raise ValueError("%s hash is too costly to verify (bcrypt cost over 16 or over a million rounds)" % prefix)
-        if not crypt_supports(prefix):
-            raise ValueError("this system's libcrypt cannot verify %s hashes; set a new password with "
-                             "'authd.py passwd NAME'" % prefix)
-    else:
-        raise ValueError("unknown hash format %s... (authd knows $scrypt$, $apr1$, {SHA}, $2y$/$2b$/$2a$ "
-                         "bcrypt, $5$, $6$ and $y$)" % quoted(value[:8]))
-
-
-def verify_password(password, stored):
-    """True if PASSWORD matches the stored hash. Compares in constant time."""
-    secret = password.encode("utf-8")
-    if stored.startswith("$scrypt$"):
-        n, r, p, salt, checksum = parse_scrypt_hash(stored)
-        return hmac.compare_digest(scrypt(secret, salt, n, r, p, len(checksum)), checksum)
-    if stored.startswith("$apr1$"):
-        salt = stored[6:].split("$", 1)[0].encode("ascii")
-        return hmac.compare_digest(apr1_md5(secret, salt).encode(), stored.encode())
-    if stored.startswith("{SHA}"):
-        digest = "{SHA}" + base64.b64encode(hashlib.sha1(secret).digest()).decode("ascii")
-        return hmac.compare_digest(digest.encode(), stored.encode())
-    if stored.startswith(CRYPT_PREFIXES):
-        if b"\0" in secret:
-            return False
-        with hash_slot():
-            result = system_crypt(secret, stored)
-        return result is not None and hmac.compare_digest(result.encode(), stored.encode())
-    return False
 
 
 # ---------------------------------------------------------------------------
@@ -956,9 +940,9 @@ def decode_token(token, keys, now):
 def issue_token(user, auth_time, now, settings, key):
     """A new token for USER; its life slides by AUTH_EXPIRY_DAYS but never
     past AUTH_MAX_AGE_DAYS after the password was typed."""
-    exp = now + int(settings.expiry_days * 86400)
+    exp = now + int(settings.expiry_days * DAY)
     if settings.max_age_days:
-        exp = min(exp, auth_time + int(settings.max_age_days * 86400))
+        exp = min(exp, auth_time + int(settings.max_age_days * DAY))
     claims = {"sub": user.name, "iat": now, "exp": exp, "auth_time": auth_time, "pwh": user.fingerprint}
     return sign_token(claims, key), exp - now
 
@@ -967,6 +951,9 @@ def issue_token(user, auth_time, now, settings, key):
 # Login rate limits: fixed windows per client address and per user name, in a
 # bounded table (the oldest entries go first when it is full).
 # ---------------------------------------------------------------------------
+
+NAME_LIMIT_FACTOR = 4      # a user name may take 4x one address's attempts
+
 
 class RateLimiter:
     def __init__(self, limit, window, max_keys=50000):
@@ -996,284 +983,211 @@ class RateLimiter:
                 entry[1] -= 1
 
 
+def rate_key(address):
+    """The login rate limit's key for a client: an IPv4 address, or the /64 of
+    an IPv6 one (a single host usually holds a whole /64 and can rotate through it)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6:
+        if ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network("%s/64" % ip, strict=False))
+    return address
+
+
 # ---------------------------------------------------------------------------
-# The application: what a request may ask and what it is told. Everything
-# that is not HTTP framing lives here.
+# Request and reply: the HTTP/1.1 messages. The parser is strict and bounded:
+# this is where hostile bytes stop.
 # ---------------------------------------------------------------------------
 
-NAME_LIMIT_FACTOR = 4      # a user name may take 4x one address's attempts
-TOKEN_CACHE_SIZE = 10000
+MAX_REQUEST_LINE = 8192
+MAX_HEAD = 16384
+MAX_HEADERS = 100
+MAX_BODY = 8192
+TCHAR_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token characters: methods, field names
+BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+           404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
+           413: "Content Too Large", 414: "URI Too Long", 415: "Unsupported Media Type",
+           429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+           503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+SINGLE_HEADERS = ("host", "content-length", "authorization", "x-auth-bypass",
+                  "x-original-uri", "x-original-host", "x-original-remote-addr", "x-real-ip")
 
 
-class App:
-    def __init__(self, settings, keys, store):
-        self.store = store
-        self.token_cache = {}
-        self.rule_cache = {}
-        self.configure(settings, keys)
+class HTTPError(Exception):
+    """A request that cannot be served: answered with STATUS, then closed."""
 
-    def configure(self, settings, keys):
-        self.settings, self.keys = settings, keys
-        self.token_cache = {}
-        limit, window = settings.login_rate
-        old = getattr(self, "address_limits", None)
-        if old is None or (old.limit, old.window) != (limit, window):
-            self.address_limits = RateLimiter(limit, window)
-            self.name_limits = RateLimiter(limit * NAME_LIMIT_FACTOR, window)
-        p = settings.prefix
-        self.routes = {
-            p + "/auth": ("*", self.handle_auth),
-            p + "/admin": ("*", self.handle_admin),
-            p + "/login": ("GET, HEAD, POST", self.handle_login),
-            p + "/logout": ("GET, HEAD, POST", self.handle_logout),
-            p + "/": ("GET, HEAD", self.handle_whoami),
-            p + "/logged-in": ("GET, HEAD", self.handle_whoami),
-            p: ("GET, HEAD", self.handle_whoami),
-            p + "/healthz": ("GET, HEAD", self.handle_health),
-        }
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
 
-    # -- sessions -----------------------------------------------------------
 
-    def session(self, request, now):
-        """(user, claims) for the request's cookie, or (None, None)."""
-        for token in cookie_values(request.headers.get("cookie", ""), self.settings.cookie_name):
-            claims = self.token_cache.get(token)
-            if claims is None:
-                claims = decode_token(token, self.keys, now)
-                if claims is None:
-                    continue
-                if len(self.token_cache) >= TOKEN_CACHE_SIZE:
-                    self.token_cache = {}
-                self.token_cache[token] = claims
-            elif claims["exp"] <= now:
-                continue
-            user = self.store.users.get(claims["sub"])
-            if user is None or not hmac.compare_digest(user.fingerprint, claims["pwh"]):
-                continue
-            max_age = self.settings.max_age_days
-            if max_age and now - claims["auth_time"] > max_age * 86400:
-                continue
-            if claims["exp"] - claims["iat"] > self.settings.expiry_days * 86400 + 60:
-                continue  # not issued under this server's settings
-            return user, claims
-        return None, None
+class Request:
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "peer", "keep_alive")
 
-    def session_cookie(self, user, auth_time, now):
-        token, max_age = issue_token(user, auth_time, now, self.settings, self.keys[0])
-        return self.cookie_header(token, max_age)
+    def content_type(self):
+        return self.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
-    def cookie_header(self, value, max_age):
-        s = self.settings
-        parts = ["%s=%s" % (s.cookie_name, value), "Path=/", "Max-Age=%d" % max_age, "HttpOnly",
-                 "SameSite=" + s.cookie_samesite]
-        if s.cookie_secure:
-            parts.append("Secure")
-        if s.cookie_domain:
-            parts.append("Domain=" + s.cookie_domain)
-        return "; ".join(parts)
+    def wants_json(self):
+        accept = self.headers.get("accept", "")
+        return self.content_type() == "application/json" or (
+            "application/json" in accept and "text/html" not in accept) or \
+            self.headers.get("sec-fetch-mode", "") in ("cors", "same-origin")
 
-    def clearing_cookie(self):
-        return self.cookie_header("", 0)
+    def site_host(self):
+        return self.headers.get("x-original-host") or self.headers.get("host", "")
 
-    # -- GET P/auth and P/admin: the hot path ----------------------------------
+    def client_ip(self):
+        """The client's address: the one nginx vouches for when nginx (a
+        loopback or unix-socket peer) is the peer, else the peer's."""
+        peer = self.peer
+        if is_loopback(peer):
+            for name in ("x-original-remote-addr", "x-real-ip"):
+                claimed = self.headers.get(name, "").strip()
+                if claimed:
+                    try:
+                        return str(ipaddress.ip_address(claimed.split("%", 1)[0]))
+                    except ValueError:
+                        break
+        return peer or "unix"
 
-    def handle_auth(self, request, admin_only=False):
-        now = int(time.time())
-        bypass = self.settings.bypass
-        if bypass and "x-auth-bypass" in request.headers and hmac.compare_digest(
-                request.headers["x-auth-bypass"].encode("utf-8", "replace"), bypass.encode("utf-8")):
-            return Reply(200)
-        user, claims = self.session(request, now)
-        if user is None:
-            reply = Reply(401)
-            if "cookie" in request.headers and cookie_values(request.headers["cookie"], self.settings.cookie_name):
-                reply.headers.append(("Set-Cookie", self.clearing_cookie()))
-            return reply
-        if admin_only and not user.admin:
-            return Reply(403)
-        if request.query and not self.rules_allow(request.query, user):
-            return Reply(403)
-        reply = Reply(200, user=user)
-        if now - claims["iat"] > REFRESH_AFTER:
-            reply.headers.append(("Set-Cookie", self.session_cookie(user, claims["auth_time"], now)))
-        elif self.settings.cache_seconds:
-            reply.headers.append(("X-Accel-Expires", str(max(0, min(self.settings.cache_seconds, claims["exp"] - now)))))
-        return reply
 
-    def handle_admin(self, request):
-        return self.handle_auth(request, admin_only=True)
+@functools.lru_cache(maxsize=1024)
+def is_loopback(peer):
+    """True for 127.0.0.0/8, ::1 and a unix socket (empty peer)."""
+    if not peer:
+        return True
+    try:
+        address = ipaddress.ip_address(peer.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or bool(mapped and mapped.is_loopback)
 
-    def rules_allow(self, query, user):
-        """?group=G1,G2&user=U1,U2 from the nginx config: the user must be in a
-        listed group or be a listed user. An unknown parameter denies, so a
-        typo in nginx.conf fails closed."""
-        rules = self.rule_cache.get(query)
-        if rules is None:
-            groups, names, unknown = set(), set(), []
-            for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
-                if key in ("group", "groups"):
-                    groups.update(v for v in value.split(",") if v)
-                elif key in ("user", "users"):
-                    names.update(v for v in value.split(",") if v)
-                else:
-                    unknown.append(key)
-            if unknown:
-                log("error", "unknown rule parameter %s in %s; denying (use group= or user=)"
-                    % (quoted(unknown[0]), quoted(query)))
-            rules = (frozenset(groups), frozenset(names), bool(unknown))
-            if len(self.rule_cache) < 1000:
-                self.rule_cache[query] = rules
-        groups, names, unknown = rules
-        if unknown:
-            return False
-        if not groups and not names:
-            return True
-        return user.name in names or not groups.isdisjoint(user.groups)
 
-    # -- login and logout ---------------------------------------------------
+class Reply:
+    """What a handler answers. USER makes it an "allowed" answer carrying the
+    identity headers; DATA is a JSON body, PAGE an HTML page (which gets the
+    page security headers)."""
+    __slots__ = ("status", "headers", "body", "user", "content_type", "page_headers")
 
-    def handle_login(self, request):
-        target = self.return_target(request)
-        if request.method in ("GET", "HEAD"):
-            user, _ = self.session(request, int(time.time()))
-            if user is not None:
-                return Reply(303, headers=[("Location", target)])
-            return self.login_page(request, target)
-        wants_json = request.content_type() == "application/json"
-        if self.cross_site(request):
-            log("warning", "cross-site login refused from %s (Origin %s)"
-                % (request.client_address(), quoted(request.headers.get("origin", ""))))
-            return self.login_failed(request, wants_json, 403, "Cross-site login refused", target)
-        try:
-            name, password, form_target = parse_login_body(request)
-        except ValueError as e:
-            status = 415 if "Content-Type" in str(e) else 400
-            return self.login_failed(request, wants_json, status, str(e), target)
-        if form_target is not None:
-            target = safe_target(form_target)
-        address = request.client_address()
-        key = rate_key(address)
-        now = time.time()
-        wait = self.address_limits.hit(key, now)
-        if not wait:
-            wait = self.name_limits.hit(name[:64], now)
-            if wait:
-                self.address_limits.refund(key)
-        if wait:
-            log("warning", "login rate limit hit from %s user=%s" % (address, quoted(name)))
-            reply = self.login_failed(request, wants_json, 429, "Too many attempts; try again in %d seconds" % wait,
-                                      target)
-            reply.headers.append(("Retry-After", str(wait)))
-            return reply
-        try:
-            user = self.check_password(name, password)
-        except HashBusy:
-            self.address_limits.refund(key)
-            self.name_limits.refund(name[:64])
-            reply = self.login_failed(request, wants_json, 503, "The server is busy; try again in a moment", target)
-            reply.headers.append(("Retry-After", "5"))
-            return reply
-        if user is None:
-            log("warning", "login failed from %s user=%s" % (address, quoted(name)))
-            message = "Invalid credentials" if wants_json else "Invalid user name or password"
-            return self.login_failed(request, wants_json, 401, message, target, name)
-        self.address_limits.refund(key)
-        self.name_limits.refund(name[:64])
-        self.warn_if_cookie_will_be_dropped(request)
-        log("info", "login ok from %s user=%s" % (address, quoted(user.name)))
-        now = int(time.time())
-        cookie = ("Set-Cookie", self.session_cookie(user, now, now))
-        if wants_json:
-            return Reply(200, headers=[cookie], json={"status": "ok", "user": user.name})
-        return Reply(303, headers=[cookie, ("Location", target)])
+    def __init__(self, status, headers=None, body=b"", user=None, data=None, page=None, content_type=None):
+        self.status, self.headers, self.user = status, headers or [], user
+        self.body, self.content_type, self.page_headers = body, content_type, False
+        if data is not None:
+            self.body = json.dumps(data).encode("utf-8")
+            self.content_type = "application/json"
+        elif page is not None:
+            self.body, self.content_type, self.page_headers = page, "text/html; charset=utf-8", True
 
-    def check_password(self, name, password):
-        """The user if NAME and PASSWORD match, else None. An unknown name is
-        checked against a dummy hash so that it costs the same as a known one."""
-        user = self.store.users.get(name) if valid_name(name) else None
-        try:
-            ok = verify_password(password, user.hash if user else DUMMY_HASH)
-        except ValueError:
-            ok = False
-        if not ok or user is None:
-            return None
-        if is_legacy_hash(user.hash):
-            try:
-                user = self.store.upgrade_hash(name, password) or user
-                log("info", "upgraded the password hash of %s to scrypt" % name)
-            except (Failure, OSError) as e:
-                log("error", "could not upgrade the password hash of %s: %s" % (name, e))
-        return user
 
-    def login_failed(self, request, wants_json, status, message, target, name=""):
-        if wants_json:
-            return Reply(status, json={"status": "fail", "message": message})
-        return self.login_page(request, target, status=status, message=message, name=name)
+def text_reply(status, text):
+    return Reply(status, body=(text + "\n").encode("utf-8"), content_type="text/plain; charset=utf-8")
 
-    def cross_site(self, request):
-        """A login posted from another site (login CSRF): Origin's host name
-        differs from this site's, or the browser says cross-site."""
-        if request.headers.get("sec-fetch-site", "").lower() == "cross-site":
-            return True
-        origin = request.headers.get("origin")
-        if origin is None:
-            return False
-        site = request.headers.get("x-original-host") or request.headers.get("host", "")
-        try:
-            origin_host = urllib.parse.urlsplit(origin).hostname
-        except ValueError:
-            return True
-        return not origin_host or origin_host != host_name(site)
 
-    def warn_if_cookie_will_be_dropped(self, request):
-        if self.settings.cookie_secure and request.headers.get("x-forwarded-proto", "https").lower() == "http" \
-                and host_name(request.site_host()) not in ("localhost", "127.0.0.1", "::1"):
-            log("warning", "this login came over plain http, where browsers drop the Secure cookie: "
-                "serve the site over https, or set AUTH_COOKIE_SECURE=false")
+def parse_request_line(line):
+    """b"GET /path HTTP/1.1" -> (method, target, version); HTTPError otherwise."""
+    if len(line) > MAX_REQUEST_LINE:
+        raise HTTPError(414, "request line too long")
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        raise HTTPError(400, "malformed request line")
+    method, target, version = parts
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise HTTPError(505 if re.fullmatch(rb"HTTP/[0-9]\.[0-9]", version) else 400, "unsupported HTTP version")
+    try:
+        method, target = method.decode("ascii"), target.decode("ascii")
+    except UnicodeDecodeError:
+        raise HTTPError(400, "non-ASCII request line") from None
+    if not TCHAR_RE.fullmatch(method):
+        raise HTTPError(400, "malformed method")
+    if not target.startswith("/") or any(ord(c) <= 32 or ord(c) == 127 for c in target):
+        raise HTTPError(400, "request target must be a path starting with /")
+    return method, target, version
 
-    def handle_logout(self, request):
-        user, _ = self.session(request, int(time.time()))
-        if user is not None:
-            log("info", "logout from %s user=%s" % (request.client_address(), quoted(user.name)))
-        cookie = ("Set-Cookie", self.clearing_cookie())
-        if request.wants_json():
-            return Reply(200, headers=[cookie], json={"status": "ok"})
-        return Reply(303, headers=[cookie, ("Location", self.settings.prefix + "/login")])
 
-    def return_target(self, request):
-        """Where to go after login: ?rd=, else nginx's X-Original-URI, else /."""
-        try:
-            rd = dict(urllib.parse.parse_qsl(request.query, max_num_fields=20)).get("rd") if request.query else None
-        except ValueError:
-            rd = None
-        if rd is None:
-            rd = request.headers.get("x-original-uri")
-            if rd is not None and rd.startswith(self.settings.prefix + "/"):
-                rd = None  # the login page itself; nothing to return to
-        return safe_target(rd or "/")
+def parse_header_fields(lines):
+    """Header lines -> {lower-case name: value}; HTTPError for anything
+    malformed, and for a repeat of a field that must be single."""
+    headers = {}
+    for raw in lines:
+        line = raw[:-1] if raw.endswith(b"\r") else raw
+        if not line:
+            continue
+        if line[:1] in (b" ", b"\t"):
+            raise HTTPError(400, "folded header lines are not allowed")
+        name, sep, value = line.decode("latin-1").partition(":")
+        if not sep or not TCHAR_RE.fullmatch(name):
+            raise HTTPError(400, "malformed header field")
+        value = value.strip(" \t")
+        if BAD_VALUE_RE.search(value):
+            raise HTTPError(400, "control character in header %s" % name)
+        name = name.lower()
+        if name in headers:
+            if name in SINGLE_HEADERS:
+                raise HTTPError(400, "repeated %s header" % name)
+            value = headers[name] + ("; " if name == "cookie" else ", ") + value
+        headers[name] = value
+    return headers
 
-    # -- pages ----------------------------------------------------------------
 
-    def login_page(self, request, target, status=200, message="", name=""):
-        site = host_name(request.site_host()) or "this site"
-        error = '<p class="error" role="alert">%s</p>' % html.escape(message) if message else ""
-        body = LOGIN_PAGE.format(
-            site=html.escape(site), action=html.escape(self.settings.prefix + "/login"),
-            target=html.escape(target), error=error, name=html.escape(name),
-            focus_name="" if name else " autofocus", focus_password=" autofocus" if name else "")
-        return Reply(status, html_body=page(site, "Sign in", body))
+def parse_head(head):
+    """The bytes of a request head -> Request (without body)."""
+    lines = head.split(b"\n")
+    method, target, version = parse_request_line(lines[0].rstrip(b"\r"))
+    if len(lines) - 1 > MAX_HEADERS:
+        raise HTTPError(431, "too many header fields")
+    request = Request()
+    request.method, request.target, request.version = method, target, version
+    request.headers = headers = parse_header_fields(lines[1:])
+    request.path, _, request.query = target.partition("?")
+    connection = headers.get("connection", "").lower()
+    request.keep_alive = ("close" not in connection) if version == b"HTTP/1.1" else ("keep-alive" in connection)
+    request.body = b""
+    return request
 
-    def handle_whoami(self, request):
-        user, _ = self.session(request, int(time.time()))
-        if user is None:
-            return Reply(303, headers=[("Location", self.settings.prefix + "/login")])
-        groups = ", ".join(user.groups) or "none"
-        body = WHOAMI_PAGE.format(name=html.escape(user.name), role="an administrator" if user.admin else "a user",
-                                  groups=html.escape(groups), action=html.escape(self.settings.prefix + "/logout"))
-        return Reply(200, html_body=page(host_name(request.site_host()) or "this site", "Signed in", body))
 
-    def handle_health(self, request):
-        return Reply(200, body=b"ok\n", content_type="text/plain; charset=utf-8")
+def body_length(request):
+    if "transfer-encoding" in request.headers:
+        raise HTTPError(411, "Transfer-Encoding is not supported; send Content-Length")
+    value = request.headers.get("content-length")
+    if value is None:
+        return 0
+    if not (value.isascii() and value.isdigit()):
+        raise HTTPError(400, "malformed Content-Length")
+    digits = value.lstrip("0")
+    length = int(digits or "0") if len(digits) <= 12 else MAX_BODY + 1
+    if length > MAX_BODY:
+        raise HTTPError(413, "body larger than %d bytes" % MAX_BODY)
+    return length
+
+
+def render_reply(reply, request, close):
+    """Reply -> the bytes of an HTTP/1.1 response."""
+    if reply.user is not None and not reply.headers and not close and reply.status == 200 \
+            and not reply.body and reply.content_type is None and request.version == b"HTTP/1.1":
+        return reply.user.allow_response
+    lines = ["HTTP/1.1 %d %s" % (reply.status, REASONS.get(reply.status, "Unknown")), "Cache-Control: no-store"]
+    if reply.content_type:
+        lines.append("Content-Type: " + reply.content_type)
+    if reply.page_headers:
+        lines.extend("%s: %s" % h for h in PAGE_HEADERS)
+    lines.extend("%s: %s" % h for h in reply.headers)
+    lines.append("Content-Length: %d" % len(reply.body))
+    if close:
+        lines.append("Connection: close")
+    elif request is not None and request.version == b"HTTP/1.0":
+        lines.append("Connection: keep-alive")
+    head = ("\r\n".join(lines) + "\r\n").encode("latin-1", "replace")
+    if reply.user is not None:
+        head += reply.user.allow_headers
+    head += b"\r\n"
+    if request is not None and request.method == "HEAD":
+        return head
+    return head + reply.body
 
 
 def cookie_values(header, name):
@@ -1312,6 +1226,10 @@ def safe_target(target):
     return urllib.parse.quote(target, safe="/?#[]@!$&'()*+,;=%:~-._\\")
 
 
+class UnsupportedMediaType(ValueError):
+    """A login body of a type authd does not read (415, not 400)."""
+
+
 def parse_login_body(request):
     """(username, password, rd or None) from a JSON or form body; ValueError
     with a message for anything else."""
@@ -1333,12 +1251,17 @@ def parse_login_body(request):
             raise ValueError("The form data is malformed") from None
         target = data.get("rd")
     else:
-        raise ValueError("Content-Type must be application/x-www-form-urlencoded or application/json")
+        raise UnsupportedMediaType("Content-Type must be application/x-www-form-urlencoded or application/json")
     name, password = data.get("username"), data.get("password")
     if not isinstance(name, str) or not isinstance(password, str) or not name or not password:
         raise ValueError("User name and password are required")
     return name, password, target
 
+
+# ---------------------------------------------------------------------------
+# Pages: one stylesheet (allowed by its hash in the CSP, so no inline script
+# or style attribute can run), one frame, and the bodies that go in it.
+# ---------------------------------------------------------------------------
 
 STYLE = """
 :root{color-scheme:light dark;--bg:#f4f5f7;--card:#fff;--text:#1d2330;--muted:#5b6472;--line:#c9ced6;
@@ -1400,201 +1323,326 @@ def page(site, title, body):
 
 
 # ---------------------------------------------------------------------------
-# HTTP: a small, strict, bounded HTTP/1.1 server with keep-alive, on
-# http.server's ThreadingHTTPServer (one thread per connection, with a cap).
+# The app: what a request may ask and what it is told. Handlers are plain
+# functions from Request to Reply; one that needs a password hash returns
+# Later, and the server runs it away from the hot path.
 # ---------------------------------------------------------------------------
 
-MAX_REQUEST_LINE = 8192
-MAX_HEAD = 16384
-MAX_HEADERS = 100
-MAX_BODY = 8192
-TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-           404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
-           413: "Content Too Large", 414: "URI Too Long", 415: "Unsupported Media Type",
-           429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-           503: "Service Unavailable", 505: "HTTP Version Not Supported"}
-LOOPBACK_CACHE = {}
+TOKEN_CACHE_SIZE = 10000
+ISSUE_SLACK = 60  # seconds a token's life may exceed AUTH_EXPIRY_DAYS (rounding, settings reloads)
 
 
-class HTTPError(Exception):
-    """A request that cannot be served: answered with STATUS, then closed."""
+class Later:
+    """A handler's answer that needs a password hash: the server calls
+    FUNCTION(*ARGS) on its bounded hash pool, never on the thread that
+    serves the hot path, and sends the Reply it returns."""
+    __slots__ = ("function", "args")
 
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
 
-
-class Request:
-    __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "peer", "keep_alive")
-
-    def content_type(self):
-        return self.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-
-    def wants_json(self):
-        accept = self.headers.get("accept", "")
-        return self.content_type() == "application/json" or (
-            "application/json" in accept and "text/html" not in accept) or \
-            self.headers.get("sec-fetch-mode", "") in ("cors", "same-origin")
-
-    def site_host(self):
-        return self.headers.get("x-original-host") or self.headers.get("host", "")
-
-    def client_address(self):
-        """nginx's word for the client when nginx is the peer, else the peer."""
-        peer = self.peer
-        if is_loopback(peer):
-            for name in ("x-original-remote-addr", "x-real-ip"):
-                claimed = self.headers.get(name, "").strip()
-                if claimed:
-                    try:
-                        return str(ipaddress.ip_address(claimed.split("%", 1)[0]))
-                    except ValueError:
-                        break
-        return peer or "unix"
+    def run(self):
+        return self.function(*self.args)
 
 
-def rate_key(address):
-    """The login rate limit's key for a client: an IPv4 address, or the /64 of
-    an IPv6 one (a single host usually holds a whole /64 and can rotate through it)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if ip.version == 6:
-        if ip.ipv4_mapped:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network("%s/64" % ip, strict=False))
-    return address
+@functools.lru_cache(maxsize=1024)
+def parse_rules(query):
+    """?group=G1,G2&user=U1,U2 from the nginx config -> (groups, names,
+    unknown). An unknown parameter is logged (once per distinct query)."""
+    groups, names, unknown = set(), set(), []
+    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if key in ("group", "groups"):
+            groups.update(v for v in value.split(",") if v)
+        elif key in ("user", "users"):
+            names.update(v for v in value.split(",") if v)
+        else:
+            unknown.append(key)
+    if unknown:
+        log("error", "unknown rule parameter %s in %s; denying (use group= or user=)"
+            % (quoted(unknown[0]), quoted(query)))
+    return frozenset(groups), frozenset(names), bool(unknown)
 
 
-def is_loopback(peer):
-    """True for 127.0.0.0/8, ::1 and a unix socket (empty peer)."""
-    if not peer:
-        return True
-    result = LOOPBACK_CACHE.get(peer)
-    if result is None:
+class App:
+    def __init__(self, settings, keys, store):
+        self.store = store
+        self.configure(settings, keys)
+
+    def configure(self, settings, keys):
+        self.settings, self.keys = settings, keys
+        self.token_cache = {}
+        limit, window = settings.login_rate
+        old = getattr(self, "address_limits", None)
+        if old is None or (old.limit, old.window) != (limit, window):
+            self.address_limits = RateLimiter(limit, window)
+            self.name_limits = RateLimiter(limit * NAME_LIMIT_FACTOR, window)
+        p = settings.prefix
+        self.routes = {
+            p + "/auth": ("*", self.handle_auth),
+            p + "/admin": ("*", self.handle_admin),
+            p + "/login": ("GET, HEAD, POST", self.handle_login),
+            p + "/logout": ("GET, HEAD, POST", self.handle_logout),
+            p + "/": ("GET, HEAD", self.handle_whoami),
+            p + "/logged-in": ("GET, HEAD", self.handle_whoami),
+            p: ("GET, HEAD", self.handle_whoami),
+            p + "/healthz": ("GET, HEAD", self.handle_health),
+        }
+
+    def dispatch(self, request):
+        """Request -> Reply (or Later) from the route table."""
+        route = self.routes.get(request.path)
+        if route is None:
+            return text_reply(404, "not found")
+        allowed, handler = route
+        if allowed != "*" and request.method not in allowed.split(", "):
+            return Reply(405, headers=[("Allow", allowed)])
+        return handler(request)
+
+    # -- sessions -----------------------------------------------------------
+
+    def session(self, request, now):
+        """(user, claims) for the request's cookie, or (None, None)."""
+        for token in cookie_values(request.headers.get("cookie", ""), self.settings.cookie_name):
+            claims = self.token_cache.get(token)
+            if claims is None:
+                claims = decode_token(token, self.keys, now)
+                if claims is None:
+                    continue
+                if len(self.token_cache) >= TOKEN_CACHE_SIZE:
+                    self.token_cache = {}
+                self.token_cache[token] = claims
+            elif claims["exp"] <= now:
+                continue
+            user = self.store.users.get(claims["sub"])
+            if user is None or not hmac.compare_digest(user.fingerprint, claims["pwh"]):
+                continue
+            max_age = self.settings.max_age_days
+            if max_age and now - claims["auth_time"] > max_age * DAY:
+                continue
+            if claims["exp"] - claims["iat"] > self.settings.expiry_days * DAY + ISSUE_SLACK:
+                continue  # not issued under this server's settings
+            return user, claims
+        return None, None
+
+    def session_cookie(self, user, auth_time, now):
+        token, max_age = issue_token(user, auth_time, now, self.settings, self.keys[0])
+        return self.cookie_header(token, max_age)
+
+    def cookie_header(self, value, max_age):
+        s = self.settings
+        parts = ["%s=%s" % (s.cookie_name, value), "Path=/", "Max-Age=%d" % max_age, "HttpOnly",
+                 "SameSite=" + s.cookie_samesite]
+        if s.cookie_secure:
+            parts.append("Secure")
+        if s.cookie_domain:
+            parts.append("Domain=" + s.cookie_domain)
+        return "; ".join(parts)
+
+    def clearing_cookie(self):
+        return self.cookie_header("", 0)
+
+    # -- P/auth and P/admin (any method): the hot path ---------------------------
+
+    def handle_auth(self, request, admin_only=False):
+        now = int(time.time())
+        bypass = self.settings.bypass
+        if bypass and "x-auth-bypass" in request.headers and hmac.compare_digest(
+                request.headers["x-auth-bypass"].encode("utf-8", "replace"), bypass.encode("utf-8")):
+            return Reply(200)
+        user, claims = self.session(request, now)
+        if user is None:
+            reply = Reply(401)
+            if "cookie" in request.headers and cookie_values(request.headers["cookie"], self.settings.cookie_name):
+                reply.headers.append(("Set-Cookie", self.clearing_cookie()))
+            return reply
+        if admin_only and not user.admin:
+            return Reply(403)
+        if request.query and not self.rules_allow(request.query, user):
+            return Reply(403)
+        reply = Reply(200, user=user)
+        if now - claims["iat"] > REFRESH_AFTER:
+            reply.headers.append(("Set-Cookie", self.session_cookie(user, claims["auth_time"], now)))
+        elif self.settings.cache_seconds:
+            reply.headers.append(("X-Accel-Expires", str(max(0, min(self.settings.cache_seconds, claims["exp"] - now)))))
+        return reply
+
+    def handle_admin(self, request):
+        return self.handle_auth(request, admin_only=True)
+
+    def rules_allow(self, query, user):
+        """The rules in nginx's query: the user must be in a listed group or
+        be a listed user. An unknown parameter denies, so a typo in
+        nginx.conf fails closed."""
+        groups, names, unknown = parse_rules(query)
+        if unknown:
+            return False
+        if not groups and not names:
+            return True
+        return user.name in names or not groups.isdisjoint(user.groups)
+
+    # -- login and logout ---------------------------------------------------
+
+    def handle_login(self, request):
+        """GET: the form. POST: the cheap checks here (cross-site, body, rate
+        limits); the password check runs Later, on the hash pool."""
+        target = self.return_target(request)
+        if request.method in ("GET", "HEAD"):
+            user, _ = self.session(request, int(time.time()))
+            if user is not None:
+                return Reply(303, headers=[("Location", target)])
+            return self.login_page(request, target)
+        wants_json = request.content_type() == "application/json"
+        if self.cross_site(request):
+            log("warning", "cross-site login refused from %s (Origin %s)"
+                % (request.client_ip(), quoted(request.headers.get("origin", ""))))
+            return self.login_failed(request, wants_json, 403, "Cross-site login refused", target)
         try:
-            address = ipaddress.ip_address(peer.split("%", 1)[0])
-            mapped = getattr(address, "ipv4_mapped", None)
-            result = address.is_loopback or bool(mapped and mapped.is_loopback)
+            name, password, form_target = parse_login_body(request)
+        except ValueError as e:
+            status = 415 if isinstance(e, UnsupportedMediaType) else 400
+            return self.login_failed(request, wants_json, status, str(e), target)
+        if form_target is not None:
+            target = safe_target(form_target)
+        wait = self.count_attempt(request.client_ip(), name)
+        if wait:
+            log("warning", "login rate limit hit from %s user=%s" % (request.client_ip(), quoted(name)))
+            reply = self.login_failed(request, wants_json, 429, "Too many attempts; try again in %d seconds" % wait,
+                                      target)
+            reply.headers.append(("Retry-After", str(wait)))
+            return reply
+        return Later(self.finish_login, request, wants_json, name, password, target)
+
+    def count_attempt(self, address, name):
+        """Count a login against the address's and the name's limits: 0 when
+        allowed, else the seconds to wait."""
+        key, now = rate_key(address), time.time()
+        wait = self.address_limits.hit(key, now)
+        if not wait:
+            wait = self.name_limits.hit(name[:64], now)
+            if wait:
+                self.address_limits.refund(key)
+        return wait
+
+    def refund_attempt(self, address, name):
+        self.address_limits.refund(rate_key(address))
+        self.name_limits.refund(name[:64])
+
+    def finish_login(self, request, wants_json, name, password, target):
+        """The costly half of a login: check the password, issue the cookie."""
+        address = request.client_ip()
+        try:
+            user = self.check_password(name, password)
+        except HashBusy:
+            self.refund_attempt(address, name)
+            reply = self.login_failed(request, wants_json, 503, "The server is busy; try again in a moment", target)
+            reply.headers.append(("Retry-After", "5"))
+            return reply
+        if user is None:
+            log("warning", "login failed from %s user=%s" % (address, quoted(name)))
+            message = "Invalid credentials" if wants_json else "Invalid user name or password"
+            return self.login_failed(request, wants_json, 401, message, target, name)
+        self.refund_attempt(address, name)
+        self.warn_if_cookie_will_be_dropped(request)
+        log("info", "login ok from %s user=%s" % (address, quoted(user.name)))
+        now = int(time.time())
+        cookie = ("Set-Cookie", self.session_cookie(user, now, now))
+        if wants_json:
+            return Reply(200, headers=[cookie], data={"status": "ok", "user": user.name})
+        return Reply(303, headers=[cookie, ("Location", target)])
+
+    def check_password(self, name, password):
+        """The user if NAME and PASSWORD match, else None. An unknown name is
+        checked against a dummy hash so that it costs the same as a known one."""
+        user = self.store.users.get(name) if valid_name(name) else None
+        try:
+            ok = verify_password(password, user.hash if user else DUMMY_HASH)
         except ValueError:
-            result = False
-        if len(LOOPBACK_CACHE) < 1000:
-            LOOPBACK_CACHE[peer] = result
-    return result
+            ok = False
+        if not ok or user is None:
+            return None
+        if is_legacy_hash(user.hash):
+            try:
+                user = self.store.upgrade_hash(name, password) or user
+                log("info", "upgraded the password hash of %s to scrypt" % name)
+            except (Failure, OSError) as e:
+                log("error", "could not upgrade the password hash of %s: %s" % (name, e))
+        return user
+
+    def login_failed(self, request, wants_json, status, message, target, name=""):
+        if wants_json:
+            return Reply(status, data={"status": "fail", "message": message})
+        return self.login_page(request, target, status=status, message=message, name=name)
+
+    def cross_site(self, request):
+        """A login posted from another site (login CSRF): Origin's host name
+        differs from this site's, or the browser says cross-site."""
+        if request.headers.get("sec-fetch-site", "").lower() == "cross-site":
+            return True
+        origin = request.headers.get("origin")
+        if origin is None:
+            return False
+        site = request.headers.get("x-original-host") or request.headers.get("host", "")
+        try:
+            origin_host = urllib.parse.urlsplit(origin).hostname
+        except ValueError:
+            return True
+        return not origin_host or origin_host != host_name(site)
+
+    def warn_if_cookie_will_be_dropped(self, request):
+        if self.settings.cookie_secure and request.headers.get("x-forwarded-proto", "https").lower() == "http" \
+                and host_name(request.site_host()) not in ("localhost", "127.0.0.1", "::1"):
+            log("warning", "this login came over plain http, where browsers drop the Secure cookie: "
+                "serve the site over https, or set AUTH_COOKIE_SECURE=false")
+
+    def handle_logout(self, request):
+        user, _ = self.session(request, int(time.time()))
+        if user is not None:
+            log("info", "logout from %s user=%s" % (request.client_ip(), quoted(user.name)))
+        cookie = ("Set-Cookie", self.clearing_cookie())
+        if request.wants_json():
+            return Reply(200, headers=[cookie], data={"status": "ok"})
+        return Reply(303, headers=[cookie, ("Location", self.settings.prefix + "/login")])
+
+    def return_target(self, request):
+        """Where to go after login: ?rd=, else nginx's X-Original-URI, else /."""
+        try:
+            rd = dict(urllib.parse.parse_qsl(request.query, max_num_fields=20)).get("rd") if request.query else None
+        except ValueError:
+            rd = None
+        if rd is None:
+            rd = request.headers.get("x-original-uri")
+            if rd is not None and rd.startswith(self.settings.prefix + "/"):
+                rd = None  # the login page itself; nothing to return to
+        return safe_target(rd or "/")
+
+    # -- pages ----------------------------------------------------------------
+
+    def login_page(self, request, target, status=200, message="", name=""):
+        site = host_name(request.site_host()) or "this site"
+        error = '<p class="error" role="alert">%s</p>' % html.escape(message) if message else ""
+        body = LOGIN_PAGE.format(
+            site=html.escape(site), action=html.escape(self.settings.prefix + "/login"),
+            target=html.escape(target), error=error, name=html.escape(name),
+            focus_name="" if name else " autofocus", focus_password=" autofocus" if name else "")
+        return Reply(status, page=page(site, "Sign in", body))
+
+    def handle_whoami(self, request):
+        user, _ = self.session(request, int(time.time()))
+        if user is None:
+            return Reply(303, headers=[("Location", self.settings.prefix + "/login")])
+        groups = ", ".join(user.groups) or "none"
+        body = WHOAMI_PAGE.format(name=html.escape(user.name), role="an administrator" if user.admin else "a user",
+                                  groups=html.escape(groups), action=html.escape(self.settings.prefix + "/logout"))
+        return Reply(200, page=page(host_name(request.site_host()) or "this site", "Signed in", body))
+
+    def handle_health(self, request):
+        return text_reply(200, "ok")
 
 
-_json_dumps = json.dumps
-
-
-class Reply:
-    __slots__ = ("status", "headers", "body", "user", "content_type", "is_page")
-
-    def __init__(self, status, headers=None, body=b"", user=None, json=None, html_body=None,
-                 content_type=None):
-        self.status, self.headers, self.user = status, headers or [], user
-        self.body, self.content_type, self.is_page = body, content_type, False
-        if json is not None:
-            self.body = _json_dumps(json).encode("utf-8")
-            self.content_type = "application/json"
-        elif html_body is not None:
-            self.body, self.content_type, self.is_page = html_body, "text/html; charset=utf-8", True
-
-
-def parse_head(head):
-    """The bytes of a request head -> Request (without body). HTTPError for
-    anything malformed: this is the boundary where hostile bytes stop."""
-    lines = head.split(b"\n")
-    request_line = lines[0].rstrip(b"\r")
-    if len(request_line) > MAX_REQUEST_LINE:
-        raise HTTPError(414, "request line too long")
-    parts = request_line.split(b" ")
-    if len(parts) != 3:
-        raise HTTPError(400, "malformed request line")
-    method, target, version = parts
-    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-        raise HTTPError(505 if re.fullmatch(rb"HTTP/[0-9]\.[0-9]", version) else 400, "unsupported HTTP version")
-    try:
-        method, target = method.decode("ascii"), target.decode("ascii")
-    except UnicodeDecodeError:
-        raise HTTPError(400, "non-ASCII request line") from None
-    if not TOKEN_RE.fullmatch(method):
-        raise HTTPError(400, "malformed method")
-    if not target.startswith("/") or any(ord(c) <= 32 or ord(c) == 127 for c in target):
-        raise HTTPError(400, "request target must be a path starting with /")
-    if len(lines) - 1 > MAX_HEADERS:
-        raise HTTPError(431, "too many header fields")
-    headers = {}
-    for raw in lines[1:]:
-        line = raw[:-1] if raw.endswith(b"\r") else raw
-        if not line:
-            continue
-        if line[:1] in (b" ", b"\t"):
-            raise HTTPError(400, "folded header lines are not allowed")
-        name, sep, value = line.decode("latin-1").partition(":")
-        if not sep or not TOKEN_RE.fullmatch(name):
-            raise HTTPError(400, "malformed header field")
-        value = value.strip(" \t")
-        if BAD_VALUE_RE.search(value):
-            raise HTTPError(400, "control character in header %s" % name)
-        name = name.lower()
-        if name in headers:
-            if name in ("host", "content-length", "authorization", "x-auth-bypass",
-                        "x-original-uri", "x-original-host", "x-original-remote-addr", "x-real-ip"):
-                raise HTTPError(400, "repeated %s header" % name)
-            value = headers[name] + ("; " if name == "cookie" else ", ") + value
-        headers[name] = value
-    request = Request()
-    request.method, request.target, request.headers = method, target, headers
-    request.path, _, request.query = target.partition("?")
-    request.version = version
-    connection = headers.get("connection", "").lower()
-    request.keep_alive = ("close" not in connection) if version == b"HTTP/1.1" else ("keep-alive" in connection)
-    request.body = b""
-    return request
-
-
-def body_length(request):
-    if "transfer-encoding" in request.headers:
-        raise HTTPError(411, "Transfer-Encoding is not supported; send Content-Length")
-    value = request.headers.get("content-length")
-    if value is None:
-        return 0
-    if not (value.isascii() and value.isdigit()):
-        raise HTTPError(400, "malformed Content-Length")
-    digits = value.lstrip("0")
-    length = int(digits or "0") if len(digits) <= 12 else MAX_BODY + 1
-    if length > MAX_BODY:
-        raise HTTPError(413, "body larger than %d bytes" % MAX_BODY)
-    return length
-
-
-def render_reply(reply, request, close):
-    """Reply -> the bytes of an HTTP/1.1 response."""
-    if reply.user is not None and not reply.headers and not close and reply.status == 200 \
-            and not reply.body and reply.content_type is None and request.version == b"HTTP/1.1":
-        return reply.user.allow_response
-    lines = ["HTTP/1.1 %d %s" % (reply.status, REASONS.get(reply.status, "Unknown")), "Cache-Control: no-store"]
-    if reply.content_type:
-        lines.append("Content-Type: " + reply.content_type)
-    if reply.is_page:
-        lines.extend("%s: %s" % h for h in PAGE_HEADERS)
-    lines.extend("%s: %s" % h for h in reply.headers)
-    lines.append("Content-Length: %d" % len(reply.body))
-    if close:
-        lines.append("Connection: close")
-    elif request is not None and request.version == b"HTTP/1.0":
-        lines.append("Connection: keep-alive")
-    head = ("\r\n".join(lines) + "\r\n").encode("latin-1", "replace")
-    if reply.user is not None:
-        head += reply.user.allow_headers
-    head += b"\r\n"
-    if request is not None and request.method == "HEAD":
-        return head
-    return head + reply.body
-
+# ---------------------------------------------------------------------------
+# Server: a thread per connection (socketserver), with a cap, keep-alive and
+# a drain for a graceful stop.
+# ---------------------------------------------------------------------------
 
 class Connection(socketserver.BaseRequestHandler):
     """One client connection: requests in a loop while it keeps alive."""
@@ -1613,8 +1661,7 @@ class Connection(socketserver.BaseRequestHandler):
                 try:
                     request, buffer = self.read_request(sock, buffer, settings)
                 except HTTPError as e:
-                    reply = Reply(e.status, body=(str(e) + "\n").encode(), content_type="text/plain; charset=utf-8")
-                    self.send(sock, render_reply(reply, None, close=True))
+                    sock.sendall(render_reply(text_reply(e.status, str(e)), None, close=True))
                     return
                 if request is None:
                     return
@@ -1622,12 +1669,14 @@ class Connection(socketserver.BaseRequestHandler):
                 request.peer = peer
                 close = not request.keep_alive or server.draining
                 try:
-                    reply = self.dispatch(request)
+                    reply = server.app.dispatch(request)
+                    if isinstance(reply, Later):
+                        reply = reply.run()
                 except Exception as e:  # a bug must cost one request, not the server
                     log("error", "internal error on %s %s: %s: %s" % (request.method, quoted(request.path),
                                                                       type(e).__name__, e))
                     reply, close = Reply(500), True
-                self.send(sock, render_reply(reply, request, close))
+                sock.sendall(render_reply(reply, request, close))
                 server.track(sock, busy=False)
                 if close:
                     return
@@ -1635,10 +1684,6 @@ class Connection(socketserver.BaseRequestHandler):
             return  # the client went away or was too slow
         finally:
             server.untrack(sock)
-
-    @staticmethod
-    def send(sock, data):
-        sock.sendall(data)
 
     def read_request(self, sock, buffer, settings):
         """(Request, leftover bytes), or (None, b"") when the client closed or
@@ -1671,7 +1716,7 @@ class Connection(socketserver.BaseRequestHandler):
         request = parse_head(head)
         length = body_length(request)
         if len(buffer) < length and request.headers.get("expect", "").lower() == "100-continue":
-            self.send(sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         while len(buffer) < length:
             buffer += self.recv_before(sock, deadline)
         request.body, buffer = buffer[:length], buffer[length:]
@@ -1698,16 +1743,6 @@ class Connection(socketserver.BaseRequestHandler):
         if not chunk:
             raise ConnectionResetError()
         return chunk
-
-    def dispatch(self, request):
-        app = self.server.app
-        route = app.routes.get(request.path)
-        if route is None:
-            return Reply(404, body=b"not found\n", content_type="text/plain; charset=utf-8")
-        allowed, handler = route
-        if allowed != "*" and request.method not in allowed.split(", "):
-            return Reply(405, headers=[("Allow", allowed)])
-        return handler(request)
 
 
 class AuthServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
@@ -1736,9 +1771,6 @@ class AuthServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self.server_address = listening_socket.getsockname()
         else:
             socketserver.TCPServer.__init__(self, address, Connection)
-
-    def server_bind(self):
-        socketserver.TCPServer.server_bind(self)  # skip HTTPServer's getfqdn() lookup
 
     def idle_timeout(self, settings):
         """Keep-alive idle time; short when connections run low, so idle
@@ -1841,170 +1873,6 @@ def notify_systemd(message):
         log("warning", "could not notify systemd: %s" % e.strerror)
 
 
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
-
-def read_password(prompt=True):
-    """A new password: asked twice on a terminal, else the first line of stdin."""
-    if prompt and sys.stdin is not None and sys.stdin.isatty():
-        first = getpass.getpass("Password: ")
-        if first != getpass.getpass("Password again: "):
-            raise Failure("the passwords do not match")
-        password = first
-    else:
-        line = sys.stdin.readline() if sys.stdin is not None else ""
-        if not line:
-            raise Failure("no password on standard input (give it as one line)")
-        password = line.rstrip("\r\n")
-    if not password:
-        raise Failure("the password is empty")
-    if len(password) > 1024:
-        raise Failure("the password is longer than 1024 characters")
-    return password
-
-
-def parse_groups(text, admin):
-    groups = [g for g in (text or "").split(",") if g]
-    for group in groups:
-        if not valid_name(group):
-            raise Failure("bad group name %s: no ':', ',', spaces or control characters" % quoted(group))
-    if admin and "admin" not in groups:
-        groups.insert(0, "admin")
-    return groups
-
-
-def command_hash(args, settings):
-    print(hash_password(read_password()))
-
-
-def command_adduser(args, settings):
-    if not valid_name(args.name):
-        raise Failure("bad user name %s: 1 to 64 characters, no ':', ',', spaces or control characters"
-                      % quoted(args.name))
-    groups = parse_groups(args.groups, args.admin)
-    new_hash = hash_password(read_password())
-
-    def add(entries, users):
-        if args.name in users:
-            raise Failure("user %s already exists (use 'passwd' to change the password)" % args.name)
-        entries.append(User(args.name, new_hash, groups))
-
-    edit_users_file(settings.users_file, add)
-    print("added %s to %s" % (args.name, settings.users_file))
-
-
-def _find_user(entries, users, name, path):
-    if name not in users:
-        raise Failure("no user %s in %s" % (quoted(name), path))
-    return next(i for i, e in enumerate(entries) if isinstance(e, User) and e.name == name)
-
-
-def command_passwd(args, settings):
-    _, users, _ = read_users_file(settings.users_file)
-    if args.name not in users:  # ask for no password when it would be thrown away
-        raise Failure("no user %s in %s" % (quoted(args.name), settings.users_file))
-    new_hash = hash_password(read_password())
-
-    def change(entries, users):
-        i = _find_user(entries, users, args.name, settings.users_file)
-        entries[i] = User(args.name, new_hash, entries[i].groups)
-
-    edit_users_file(settings.users_file, change)
-    print("changed the password of %s" % args.name)
-
-
-def command_deluser(args, settings):
-    def remove(entries, users):
-        del entries[_find_user(entries, users, args.name, settings.users_file)]
-
-    edit_users_file(settings.users_file, remove)
-    print("removed %s" % args.name)
-
-
-def command_users(args, settings):
-    _, users, _ = read_users_file(settings.users_file)
-    for user in users.values():
-        print("%s\t%s" % (user.name, ",".join(user.groups)))
-
-
-def command_import_htpasswd(args, settings):
-    """Merge an htpasswd file; lines keep their hashes (upgraded at login)."""
-    try:
-        with open(args.file, encoding="utf-8") as f:
-            lines = f.read(MAX_USERS_FILE).splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise Failure("%s: cannot read: %s" % (args.file, getattr(e, "strerror", None) or e))
-    report = {"added": [], "skipped": []}
-
-    def merge(entries, users):
-        for number, line in enumerate(lines, 1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            name, _, password_hash = line.partition(":")
-            where = "%s line %d" % (args.file, number)
-            if re.fullmatch(r"[./0-9A-Za-z]{13}", password_hash):
-                report["skipped"].append("%s: %s has a DES crypt hash (htpasswd -d), which keeps only 8 characters "
-                                         "of a password; add the user anew with 'authd.py adduser %s'" % (where, name, name))
-                continue
-            try:
-                user = parse_user_line(name + ":" + password_hash)
-            except ValueError as e:
-                report["skipped"].append("%s: %s" % (where, e))
-                continue
-            if user.name in users:
-                report["skipped"].append("%s: %s is already in %s" % (where, user.name, settings.users_file))
-                continue
-            users[user.name] = user
-            entries.append(user)
-            report["added"].append(user.name)
-
-    edit_users_file(settings.users_file, merge)
-    print("imported %d user(s) into %s%s" % (len(report["added"]), settings.users_file,
-                                            (": " + ", ".join(report["added"])) if report["added"] else ""))
-    for line in report["skipped"]:
-        print("skipped " + line)
-
-
-def command_check(args, settings):
-    problems = []
-    try:
-        load_secrets(settings, create=False)
-    except Failure as e:
-        if settings.token_secrets or os.path.exists(settings.secret_file):
-            problems.append(str(e))
-    try:
-        _, users, _ = read_users_file(settings.users_file)
-        if not users:
-            print("note: %s has no users yet; add one with: python3 authd.py adduser NAME" % settings.users_file)
-        plaintext = [u.name for u in users.values() if is_plaintext(u.hash)]
-        if plaintext:
-            print("note: plaintext passwords for %s will be hashed when the server starts" % ", ".join(plaintext))
-    except UsersFileError as e:
-        problems.extend(e.problems)
-    for problem in problems:
-        print("authd: " + problem, file=sys.stderr)
-    if problems:
-        return 1
-    print("ok: settings and %s are valid" % settings.users_file)
-    return 0
-
-
-def command_serve(args, settings):
-    keys = load_secrets(settings)
-    store = UsersStore(settings.users_file)
-    store.load()
-    if not store.users:
-        log("warning", "no users yet: add one with: python3 authd.py adduser NAME --users %s" % settings.users_file)
-    app = App(settings, keys, store)
-    try:
-        server, where = listen(settings, app)
-    except OSError as e:
-        raise Failure("cannot listen on %s: %s" % (settings.socket or "%s:%d" % (settings.host, settings.port),
-                                                  e.strerror or e))
-    return run_server(server, where, app, args)
-
-
 def run_server(server, where, app, args):
     """Serve until SIGTERM/SIGINT; SIGHUP reloads. The main thread watches
     signals and the users file's modification time; others serve."""
@@ -2055,7 +1923,7 @@ def reload_users(store):
         users = store.load()
         log("info", "loaded %d user(s) from %s" % (len(users), store.path))
     except (UsersFileError, Failure, OSError) as e:
-        store.signature = store._file_signature()  # don't retry until the file changes again
+        store.signature = store.file_signature()  # don't retry until the file changes again
         log("error", "kept the previous users: %s" % str(e).replace("\n", "; "))
 
 
@@ -2068,10 +1936,188 @@ def reload_settings(app, args):
         return
     for warning in warnings:
         log("warning", warning)
-    for name in settings.copy_unsafe_from(app.settings):
+    for name in settings.keep_restart_only(app.settings):
         log("warning", "%s changed; restart authd to apply it" % name)
     app.configure(settings, keys)
     log("info", "reloaded settings")
+
+
+# ---------------------------------------------------------------------------
+# Command line: serve (the default), and the commands that edit or check the
+# users file. Each edit goes through edit_users_file, so it is atomic and a
+# running server picks it up by itself.
+# ---------------------------------------------------------------------------
+
+def read_password(prompt=True):
+    """A new password: asked twice on a terminal, else the first line of stdin."""
+    if prompt and sys.stdin is not None and sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if first != getpass.getpass("Password again: "):
+            raise Failure("the passwords do not match")
+        password = first
+    else:
+        line = sys.stdin.readline() if sys.stdin is not None else ""
+        if not line:
+            raise Failure("no password on standard input (give it as one line)")
+        password = line.rstrip("\r\n")
+    if not password:
+        raise Failure("the password is empty")
+    if len(password) > 1024:
+        raise Failure("the password is longer than 1024 characters")
+    return password
+
+
+def print_problems(problems):
+    for problem in problems:
+        print("authd: " + problem, file=sys.stderr)
+
+
+def parse_groups(text, admin):
+    groups = [g for g in (text or "").split(",") if g]
+    for group in groups:
+        try:
+            check_name(group, "group name")
+        except ValueError as e:
+            raise Failure(str(e)) from None
+    if admin and "admin" not in groups:
+        groups.insert(0, "admin")
+    return groups
+
+
+def command_hash(args, settings):
+    print(hash_password(read_password()))
+
+
+def command_adduser(args, settings):
+    try:
+        check_name(args.name)
+    except ValueError as e:
+        raise Failure(str(e)) from None
+    groups = parse_groups(args.groups, args.admin)
+    new_hash = hash_password(read_password())
+
+    def add(entries, users):
+        if args.name in users:
+            raise Failure("user %s already exists (use 'passwd' to change the password)" % args.name)
+        entries.append(User(args.name, new_hash, groups))
+
+    edit_users_file(settings.users_file, add)
+    print("added %s to %s" % (args.name, settings.users_file))
+
+
+def require_user(users, name, path):
+    if name not in users:
+        raise Failure("no user %s in %s" % (quoted(name), path))
+
+
+def command_passwd(args, settings):
+    _, users = read_users_file(settings.users_file)
+    require_user(users, args.name, settings.users_file)  # ask for no password that would be thrown away
+    new_hash = hash_password(read_password())
+
+    def change(entries, users):
+        require_user(users, args.name, settings.users_file)
+        set_hash(entries, args.name, new_hash)
+
+    edit_users_file(settings.users_file, change)
+    print("changed the password of %s" % args.name)
+
+
+def command_deluser(args, settings):
+    def remove(entries, users):
+        require_user(users, args.name, settings.users_file)
+        entries.remove(users[args.name])
+
+    edit_users_file(settings.users_file, remove)
+    print("removed %s" % args.name)
+
+
+def command_users(args, settings):
+    _, users = read_users_file(settings.users_file)
+    for user in users.values():
+        print("%s\t%s" % (user.name, ",".join(user.groups)))
+
+
+def command_import_htpasswd(args, settings):
+    """Merge an htpasswd file; lines keep their hashes (upgraded at login)."""
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            lines = f.read(MAX_USERS_FILE).splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise Failure("%s: cannot read: %s" % (args.file, getattr(e, "strerror", None) or e))
+    report = {"added": [], "skipped": []}
+
+    def merge(entries, users):
+        for number, line in enumerate(lines, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            name, _, password_hash = line.partition(":")
+            where = "%s line %d" % (args.file, number)
+            if re.fullmatch(r"[./0-9A-Za-z]{13}", password_hash):
+                report["skipped"].append("%s: %s has a DES crypt hash (htpasswd -d), which keeps only 8 characters "
+                                         "of a password; add the user anew with 'authd.py adduser %s'" % (where, name, name))
+                continue
+            try:
+                user = parse_user_line(name + ":" + password_hash)
+            except ValueError as e:
+                report["skipped"].append("%s: %s" % (where, e))
+                continue
+            if user.name in users:
+                report["skipped"].append("%s: %s is already in %s" % (where, user.name, settings.users_file))
+                continue
+            users[user.name] = user
+            entries.append(user)
+            report["added"].append(user.name)
+
+    edit_users_file(settings.users_file, merge)
+    print("imported %d user(s) into %s%s" % (len(report["added"]), settings.users_file,
+                                            (": " + ", ".join(report["added"])) if report["added"] else ""))
+    for line in report["skipped"]:
+        print("skipped " + line)
+
+
+def users_file_problems(path):
+    """Every problem of the users file at PATH (printing notes as it goes)."""
+    try:
+        _, users = read_users_file(path)
+    except UsersFileError as e:
+        return e.problems
+    if not users:
+        print("note: %s has no users yet; add one with: python3 authd.py adduser NAME" % path)
+    plaintext = [u.name for u in users.values() if is_plaintext(u.hash)]
+    if plaintext:
+        print("note: plaintext passwords for %s will be hashed when the server starts" % ", ".join(plaintext))
+    return []
+
+
+def command_check(args, settings):
+    problems = []
+    try:
+        load_secrets(settings, create=False)
+    except Failure as e:
+        if settings.token_secrets or os.path.exists(settings.secret_file):
+            problems.append(str(e))
+    problems += users_file_problems(settings.users_file)
+    print_problems(problems)
+    if problems:
+        return 1
+    print("ok: settings and %s are valid" % settings.users_file)
+    return 0
+
+
+def command_serve(args, settings):
+    keys = load_secrets(settings)
+    store = UsersStore(settings.users_file)
+    store.load()
+    if not store.users:
+        log("warning", "no users yet: add one with: python3 authd.py adduser NAME --users %s" % settings.users_file)
+    app = App(settings, keys, store)
+    try:
+        server, where = listen(settings, app)
+    except OSError as e:
+        raise Failure("cannot listen on %s: %s" % (settings.socket or "%s:%d" % (settings.host, settings.port),
+                                                  e.strerror or e))
+    return run_server(server, where, app, args)
 
 
 def build_parser():
@@ -2112,6 +2158,11 @@ def settings_from_args(args):
     return load_settings(flags, env_file=args.env, env_required=args.env is not None)
 
 
+# ---------------------------------------------------------------------------
+# Main: parse the command line, load the settings, run the command; every
+# error an operator can cause ends as one line on stderr and an exit status.
+# ---------------------------------------------------------------------------
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
@@ -2123,19 +2174,14 @@ def main(argv=None):
         except SettingsError as e:
             problems = list(e.problems)
             if args.command == "check" and e.values.get("AUTH_USERS_FILE"):
-                try:  # check lists every problem, the users file's too
-                    read_users_file(e.values["AUTH_USERS_FILE"])
-                except UsersFileError as users_error:
-                    problems.extend(users_error.problems)
-            for problem in problems:
-                print("authd: " + problem, file=sys.stderr)
+                problems += users_file_problems(e.values["AUTH_USERS_FILE"])  # check lists every problem
+            print_problems(problems)
             return 1 if args.command == "check" else 2
         for warning in warnings:
             log("warning", warning)
         return COMMANDS[args.command](args, settings) or 0
     except UsersFileError as e:
-        for problem in e.problems:
-            print("authd: " + problem, file=sys.stderr)
+        print_problems(e.problems)
         return 1
     except HashBusy:
         print("authd: timed out waiting to hash", file=sys.stderr)
