@@ -14,8 +14,10 @@ main.
 """
 
 import argparse
+import asyncio
 import base64
 import binascii
+import concurrent.futures
 import ctypes
 import ctypes.util
 import fcntl
@@ -28,12 +30,11 @@ import ipaddress
 import json
 import os
 import re
+import resource
 import secrets
 import signal
 import socket
-import socketserver
 import stat
-import struct
 import sys
 import tempfile
 import threading
@@ -194,7 +195,7 @@ SETTINGS = {
     "AUTH_PREFIX": Setting("/__auth", matching(r"(/[A-Za-z0-9._~-]+)+",
                                                "must be a path such as /__auth (no trailing slash)"), "prefix", False),
     "AUTH_LOGIN_RATE": Setting("15/900", login_rate, "login_rate", True),
-    "AUTH_MAX_CONNECTIONS": Setting("256", whole_number(1, 10000), "max_connections", False),
+    "AUTH_MAX_CONNECTIONS": Setting("10000", whole_number(1, 1000000), "max_connections", False),
     "AUTH_CACHE_SECONDS": Setting("0", whole_number(0, 3600, "seconds"), "cache_seconds", True),
     "AUTH_IDLE_TIMEOUT": Setting("75", real_number("seconds", "75", DAY), "idle_timeout", True),
     "AUTH_HEADER_TIMEOUT": Setting("10", real_number("seconds", "10", DAY), "header_timeout", True),
@@ -1534,9 +1535,7 @@ class App:
             user = self.check_password(name, password)
         except HashBusy:
             self.refund_attempt(address, name)
-            reply = self.login_failed(request, wants_json, 503, "The server is busy; try again in a moment", target)
-            reply.headers.append(("Retry-After", "5"))
-            return reply
+            return self.busy(request, wants_json, target)
         if user is None:
             log("warning", "login failed from %s user=%s" % (address, quoted(name)))
             message = "Invalid credentials" if wants_json else "Invalid user name or password"
@@ -1635,227 +1634,282 @@ class App:
                                   groups=html.escape(groups), action=html.escape(self.settings.prefix + "/logout"))
         return Reply(200, page=page(host_name(request.site_host()) or "this site", "Signed in", body))
 
+    def busy(self, request, wants_json=None, target=None):
+        """503 when too many password checks wait already: answered at once,
+        so a flood of logins costs neither a wait nor a connection held open."""
+        wants_json = request.content_type() == "application/json" if wants_json is None else wants_json
+        reply = self.login_failed(request, wants_json, 503, "The server is busy; try again in a moment",
+                                  target or self.return_target(request))
+        reply.headers.append(("Retry-After", "5"))
+        return reply
+
     def handle_health(self, request):
         return text_reply(200, "ok")
 
 
 # ---------------------------------------------------------------------------
-# Server: a thread per connection (socketserver), with a cap, keep-alive and
-# a drain for a graceful stop.
+# Server: one asyncio event loop serves every connection (Protocol and
+# transport, no thread per connection: under the GIL those cost ~14 context
+# switches a request). App handlers are plain functions run on the loop; a
+# Later (a password hash) runs on a small thread pool, so a login never
+# stalls the hot path and a flood of logins only queues behind the pool.
 # ---------------------------------------------------------------------------
 
-class Connection(socketserver.BaseRequestHandler):
-    """One client connection: requests in a loop while it keeps alive."""
+HASH_THREADS = 2          # threads that run Later jobs (each scrypt takes 128 MiB)
+MAX_WAITING_HASHES = 16   # Later jobs queued or running; beyond: 503 at once
+SWEEP_EVERY = 0.25        # seconds between checks of connection deadlines
+SEND_TIMEOUT = 30.0       # seconds a client may leave a reply unread
+MAX_BUFFERED = 65536      # unprocessed bytes a connection may pile up (pipelining)
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-    def handle(self):
-        server, sock = self.server, self.request
-        peer = self.client_address[0] if isinstance(self.client_address, tuple) else ""
-        buffer = b""
-        sock.settimeout(None)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 30, 0))
-        self.rcvtimeo = None
-        server.track(sock, busy=False)
-        try:
-            while not server.draining:
-                settings = server.app.settings
-                try:
-                    request, buffer = self.read_request(sock, buffer, settings)
-                except HTTPError as e:
-                    sock.sendall(render_reply(text_reply(e.status, str(e)), None, close=True))
-                    return
-                if request is None:
-                    return
-                server.track(sock, busy=True)
-                request.peer = peer
-                close = not request.keep_alive or server.draining
-                try:
-                    reply = server.app.dispatch(request)
-                    if isinstance(reply, Later):
-                        reply = reply.run()
-                except Exception as e:  # a bug must cost one request, not the server
-                    log("error", "internal error on %s %s: %s: %s" % (request.method, quoted(request.path),
-                                                                      type(e).__name__, e))
-                    reply, close = Reply(500), True
-                sock.sendall(render_reply(reply, request, close))
-                server.track(sock, busy=False)
-                if close:
-                    return
-        except (OSError, socket.timeout):
-            return  # the client went away or was too slow
-        finally:
-            server.untrack(sock)
 
-    def read_request(self, sock, buffer, settings):
-        """(Request, leftover bytes), or (None, b"") when the client closed or
-        idled out. The whole head and body must arrive within the header
-        timeout, whatever pace the client sends at (slow-loris)."""
-        if not buffer:
-            self.set_rcvtimeo(sock, self.server.idle_timeout(settings))
+def internal_error(request, error):
+    """A bug costs one request, not the server."""
+    log("error", "internal error on %s %s: %s: %s" % (request.method, quoted(request.path),
+                                                      type(error).__name__, error))
+    return Reply(500)
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: requests parsed as bytes arrive, answered in
+    order (pipelining). A request's head and body must arrive within the
+    header timeout from its first byte, whatever pace the client sends at
+    (slow-loris); a new connection must start one within it too."""
+
+    def __init__(self, server):
+        self.server, self.buffer, self.pending, self.length = server, b"", None, 0
+        self.busy = self.closed = self.write_paused = False
+
+    def connection_made(self, transport):
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else ""
+        self.deadline = time.monotonic() + self.server.app.settings.header_timeout
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.server.forget(self)
+
+    def pause_writing(self):
+        self.write_paused = True
+        self.deadline = time.monotonic() + SEND_TIMEOUT
+
+    def resume_writing(self):
+        self.write_paused = False
+        self.process()
+
+    def data_received(self, data):
+        if not self.buffer and self.pending is None:
+            self.deadline = time.monotonic() + self.server.app.settings.header_timeout
+        self.buffer += data
+        if len(self.buffer) > MAX_BUFFERED:
+            self.transport.pause_reading()  # until the requests already here are answered
+        self.process()
+
+    def process(self):
+        """Answer every complete request in the buffer, in order."""
+        while self.buffer and not (self.busy or self.closed or self.write_paused):
             try:
-                buffer = sock.recv(65536)
-            except (socket.timeout, BlockingIOError):
-                return None, b""
-            if not buffer:
-                return None, b""
-        deadline = time.monotonic() + settings.header_timeout
-        while True:
-            end = buffer.find(b"\n\r\n")
-            end2 = buffer.find(b"\n\n")
-            if end2 >= 0 and (end < 0 or end2 < end):
-                end, skip = end2, 2
-            else:
-                skip = 3
-            if end >= 0:
-                break
-            if len(buffer) > MAX_HEAD:
-                raise HTTPError(414 if buffer.find(b"\n") < 0 else 431, "request head too large")
-            buffer += self.recv_before(sock, deadline)
-        head, buffer = buffer[:end + 1], buffer[end + skip:]
-        if len(head) > MAX_HEAD:
-            raise HTTPError(431, "request head too large")
-        request = parse_head(head)
-        length = body_length(request)
-        if len(buffer) < length and request.headers.get("expect", "").lower() == "100-continue":
-            sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        while len(buffer) < length:
-            buffer += self.recv_before(sock, deadline)
-        request.body, buffer = buffer[:length], buffer[length:]
-        return request, buffer
+                request = self.next_request()
+            except HTTPError as e:
+                return self.send(render_reply(text_reply(e.status, str(e)), None, True), close=True)
+            if request is None:
+                return
+            self.answer(request)
+        if not (self.busy or self.closed):
+            if len(self.buffer) <= MAX_BUFFERED:
+                self.transport.resume_reading()
+            if not self.buffer and self.pending is None and not self.write_paused:
+                self.deadline = time.monotonic() + self.server.idle_timeout()
 
-    def set_rcvtimeo(self, sock, seconds):
-        if seconds != self.rcvtimeo:
-            sec = int(seconds)
-            usec = int((seconds - sec) * 1e6)
-            if sec == 0 and usec == 0:
-                usec = 1
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", sec, usec))
-            self.rcvtimeo = seconds
+    def next_request(self):
+        """The next complete request in the buffer, or None until more bytes come."""
+        if self.pending is None:
+            end = self.buffer.find(b"\n\r\n")
+            end2 = self.buffer.find(b"\n\n")
+            end, skip = (end2, 2) if end2 >= 0 and (end < 0 or end2 < end) else (end, 3)
+            if end < 0:
+                if len(self.buffer) > MAX_HEAD:
+                    raise HTTPError(414 if self.buffer.find(b"\n") < 0 else 431, "request head too large")
+                return None
+            if end + 1 > MAX_HEAD:
+                raise HTTPError(431, "request head too large")
+            head, self.buffer = self.buffer[:end + 1], self.buffer[end + skip:]
+            self.pending = parse_head(head)
+            self.length = body_length(self.pending)
+            if len(self.buffer) < self.length and self.pending.headers.get("expect", "").lower() == "100-continue":
+                self.transport.write(CONTINUE)
+        if len(self.buffer) < self.length:
+            return None
+        request, self.pending = self.pending, None
+        request.body, self.buffer = self.buffer[:self.length], self.buffer[self.length:]
+        return request
 
-    def recv_before(self, sock, deadline):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise socket.timeout()
-        self.set_rcvtimeo(sock, remaining)
+    def answer(self, request):
+        request.peer = self.peer
+        close = not request.keep_alive or self.server.draining
         try:
-            chunk = sock.recv(65536)
-        except BlockingIOError:
-            raise socket.timeout() from None
-        if not chunk:
-            raise ConnectionResetError()
-        return chunk
-
-
-class AuthServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """http.server's ThreadingHTTPServer, built from the same two classes
-    without importing http.server (2.5 MiB of modules authd does not use),
-    with a cap on connections (the accept loop waits
-    for a free slot, so excess clients queue in the kernel's backlog), and a
-    drain for a graceful stop."""
-
-    daemon_threads = True
-    request_queue_size = 1024
-    allow_reuse_address = True
-
-    def __init__(self, address, app, family=socket.AF_INET, listening_socket=None):
-        self.address_family = family
-        self.app = app
-        self.slots = threading.BoundedSemaphore(app.settings.max_connections)
-        self.connections = {}
-        self.connections_lock = threading.Lock()
-        self.draining = False
-        self.owned_path = None  # a unix socket file to remove at exit
-        if listening_socket is not None:
-            # No socket of our own: under RestrictAddressFamilies=AF_UNIX, socket(AF_INET) fails.
-            socketserver.BaseServer.__init__(self, address, Connection)
-            self.socket = listening_socket
-            self.server_address = listening_socket.getsockname()
+            reply = self.server.app.dispatch(request)
+        except Exception as e:
+            reply, close = internal_error(request, e), True
+        if isinstance(reply, Later):
+            self.server.run_later(self, request, reply, close)
         else:
-            socketserver.TCPServer.__init__(self, address, Connection)
+            self.send(render_reply(reply, request, close), close)
 
-    def idle_timeout(self, settings):
+    def send(self, data, close):
+        self.transport.write(data)
+        if close:
+            self.closed = True
+            self.transport.close()
+
+    def timed_out(self):
+        if self.buffer or self.pending is not None:
+            self.transport.write(render_reply(text_reply(408, "request timeout"), None, True))
+        self.closed = True
+        self.transport.abort()
+
+
+class Server:
+    """The listening socket and its connections: accepts while under the
+    connection cap (beyond it, clients wait in the kernel's backlog), runs
+    Later jobs on the hash pool, checks deadlines, drains on stop."""
+
+    def __init__(self, app, sock, where):
+        self.app, self.sock, self.where = app, sock, where
+        self.connections, self.accepted, self.waiting_hashes = set(), 0, 0
+        self.draining = self.accepting = False
+        self.owned_path = None  # a unix socket file to remove at exit
+        self.loop = asyncio.new_event_loop()
+        self.pool = concurrent.futures.ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="hash")
+        sock.setblocking(False)
+
+    def idle_timeout(self):
         """Keep-alive idle time; short when connections run low, so idle
         clients cannot hold every slot."""
-        if len(self.connections) > self.app.settings.max_connections * 3 // 4:
+        if self.accepted > self.app.settings.max_connections * 3 // 4:
             return 1.0
-        return settings.idle_timeout
+        return self.app.settings.idle_timeout
 
-    def process_request(self, request, client_address):
-        while not self.slots.acquire(timeout=0.5):
-            if self.draining:
-                self.shutdown_request(request)
+    def accept_while_room(self):
+        while self.accepted < self.app.settings.max_connections and not self.draining:
+            try:
+                client, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
                 return
+            except OSError as e:  # out of file descriptors: try again shortly
+                log("error", "cannot accept a connection: %s" % e.strerror)
+                self.listen(False)
+                self.loop.call_later(0.5, self.listen, True)
+                return
+            self.accepted += 1
+            self.loop.create_task(self.connect(client))
+        self.listen(False)
+
+    async def connect(self, client):
         try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.slots.release()
-            raise
+            await self.loop.connect_accepted_socket(lambda: Connection(self), client)
+        except OSError:
+            client.close()
+            self.forget(None)
 
-    def process_request_thread(self, request, client_address):
+    def listen(self, on):
+        """Start or stop accepting new connections."""
+        if on and not self.accepting and not self.draining:
+            self.loop.add_reader(self.sock.fileno(), self.accept_while_room)
+        elif not on and self.accepting:
+            self.loop.remove_reader(self.sock.fileno())
+        self.accepting = on and not self.draining
+
+    def forget(self, connection):
+        self.connections.discard(connection)
+        self.accepted -= 1
+        if not self.accepting:
+            self.listen(True)
+
+    def run_later(self, connection, request, later, close):
+        """Run a Later job on the hash pool, then answer on the loop."""
+        if self.waiting_hashes >= MAX_WAITING_HASHES:
+            reply = self.app.busy(request)
+            return connection.send(render_reply(reply, request, close), close)
+        self.waiting_hashes += 1
+        connection.busy = True
+        job = self.loop.run_in_executor(self.pool, later.run)
+        job.add_done_callback(lambda done: self.later_done(connection, request, done, close))
+
+    def later_done(self, connection, request, job, close):
+        self.waiting_hashes -= 1
+        connection.busy = False
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
+            reply = job.result()
+        except Exception as e:
+            reply, close = internal_error(request, e), True
+        if not connection.closed:
+            connection.send(render_reply(reply, request, close or self.draining), close or self.draining)
+            connection.process()
 
-    def handle_error(self, request, client_address):
-        log("error", "connection error: %s" % (sys.exc_info()[1],))
+    def sweep(self):
+        """Close the connections whose deadline passed; every SWEEP_EVERY."""
+        now = time.monotonic()
+        for connection in [c for c in self.connections if c.deadline <= now and not c.busy]:
+            connection.timed_out()
+        self.loop.call_later(SWEEP_EVERY, self.sweep)
 
-    def track(self, sock, busy):
-        if sock in self.connections:
-            self.connections[sock] = busy  # same size: safe without the lock, which the hot path skips
-        else:
-            with self.connections_lock:
-                self.connections[sock] = busy
-
-    def untrack(self, sock):
-        with self.connections_lock:
-            self.connections.pop(sock, None)
-
-    def drain(self, timeout):
-        """Stop reading new requests; let requests in flight finish."""
+    def stop(self, timeout):
+        """Stop accepting, close idle connections, let requests in flight
+        finish (up to TIMEOUT seconds), then stop the loop."""
+        self.listen(False)
         self.draining = True
+        self.sock.close()  # refuse new connections now, not after the drain
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.connections_lock:
-                idle = [s for s, busy in self.connections.items() if not busy]
-                busy = len(self.connections) - len(idle)
-            for sock in idle:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            if not busy and not idle:
-                return True
-            time.sleep(0.05)
-        return False
+
+        def check():
+            for connection in [c for c in self.connections if not c.busy]:
+                connection.closed = True
+                connection.transport.close()
+            if not self.connections or time.monotonic() > deadline:
+                self.loop.stop()
+            else:
+                self.loop.call_later(0.05, check)
+        check()
 
 
-def listen(settings, app):
-    """The server, on a socket from systemd (LISTEN_FDS), a unix socket
+def listening_socket(settings):
+    """(socket, description): from systemd (LISTEN_FDS), a unix socket
     (AUTH_SOCKET) or host:port."""
     if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS", "0").isdigit() \
             and int(os.environ["LISTEN_FDS"]) >= 1:
         sock = socket.socket(fileno=3)
         for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             os.environ.pop(name, None)
-        server = AuthServer(sock.getsockname(), app, family=sock.family, listening_socket=sock)
-        where = "unix:%s" % sock.getsockname() if sock.family == socket.AF_UNIX else "http://%s:%d" % sock.getsockname()[:2]
-        return server, where + " (socket from systemd)"
+        return sock, describe(sock) + " (socket from systemd)"
     if settings.socket:
-        path = settings.socket
-        if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)  # left by an earlier run
-        old_umask = os.umask(0o177)
-        try:
-            server = AuthServer(path, app, family=socket.AF_UNIX)
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, settings.socket_mode)
-        server.owned_path = path
-        return server, "unix:" + path
+        return unix_socket(settings.socket, settings.socket_mode)
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    server = AuthServer((settings.host, settings.port), app, family=family)
-    host, port = server.server_address[:2]
-    return server, "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+    sock = socket.create_server((settings.host, settings.port), family=family, backlog=1024)
+    return sock, describe(sock)
+
+
+def unix_socket(path, mode):
+    if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+        os.unlink(path)  # left by an earlier run
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    sock.listen(1024)
+    return sock, "unix:" + path
+
+
+def describe(sock):
+    if sock.family == socket.AF_UNIX:
+        return "unix:%s" % sock.getsockname()
+    host, port = sock.getsockname()[:2]
+    return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
 
 
 def notify_systemd(message):
@@ -1873,42 +1927,47 @@ def notify_systemd(message):
         log("warning", "could not notify systemd: %s" % e.strerror)
 
 
-def run_server(server, where, app, args):
-    """Serve until SIGTERM/SIGINT; SIGHUP reloads. The main thread watches
-    signals and the users file's modification time; others serve."""
-    events = {"reload": False, "stop": False}
-    wake = threading.Event()
+def run_server(server, app, args):
+    """Serve until SIGTERM/SIGINT; SIGHUP reloads; the users file is looked
+    at about once a second. Reloads run on a thread of their own: a plaintext
+    line in the users file costs a hash."""
+    loop, reloads = server.loop, concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reload")
 
-    def on_signal(signum, frame):
-        events["reload" if signum == signal.SIGHUP else "stop"] = True
-        wake.set()
-
-    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_signal)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True)
-    thread.start()
-    log("info", "listening on %s" % where)
-    notify_systemd("READY=1\nSTATUS=listening on %s" % where)
-    while True:
-        wake.wait(1.0)
-        wake.clear()
-        if events["stop"]:
-            break
-        if events["reload"]:
-            events["reload"] = False
+    def reload(everything):
+        if everything:
             notify_systemd("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
             reload_settings(app, args)
-            reload_users(app.store)
+        reload_users(app.store)
+        if everything:
             notify_systemd("READY=1")
-        elif app.store.changed():
-            reload_users(app.store)
+
+    def watch():
+        if app.store.changed():
+            reloads.submit(reload, False)
+        loop.call_later(1.0, watch)
+
+    loop.add_signal_handler(signal.SIGHUP, lambda: reloads.submit(reload, True))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_server, server)
+    server.listen(True)
+    loop.call_soon(server.sweep)
+    loop.call_later(1.0, watch)
+    log("info", "listening on %s" % server.where)
+    notify_systemd("READY=1\nSTATUS=listening on %s" % server.where)
+    loop.run_forever()
+    return finish_server(server, reloads)
+
+
+def stop_server(server):
     notify_systemd("STOPPING=1")
     log("info", "stopping: finishing requests in flight")
-    server.draining = True
-    server.shutdown()
-    server.socket.close()  # refuse new connections now, not after the drain
-    drained = server.drain(timeout=HASH_WAIT + 5)  # a login may wait HASH_WAIT for a hash slot
-    server.server_close()
+    server.stop(timeout=HASH_WAIT + 5)  # a login may wait HASH_WAIT for a hash slot
+
+
+def finish_server(server, reloads):
+    drained = not server.connections
+    server.pool.shutdown(wait=False)
+    reloads.shutdown(wait=False)
     if server.owned_path:
         try:
             os.unlink(server.owned_path)
@@ -2113,11 +2172,31 @@ def command_serve(args, settings):
         log("warning", "no users yet: add one with: python3 authd.py adduser NAME --users %s" % settings.users_file)
     app = App(settings, keys, store)
     try:
-        server, where = listen(settings, app)
+        sock, where = listening_socket(settings)
     except OSError as e:
         raise Failure("cannot listen on %s: %s" % (settings.socket or "%s:%d" % (settings.host, settings.port),
                                                   e.strerror or e))
-    return run_server(server, where, app, args)
+    allow_open_files(settings.max_connections + 64)
+    server = Server(app, sock, where)
+    if where == "unix:" + str(settings.socket):
+        server.owned_path = settings.socket
+    return run_server(server, app, args)
+
+
+def allow_open_files(wanted):
+    """Raise the soft limit on open files to WANTED (every connection is one)
+    when the hard limit allows; a service manager may have set it already."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted or soft == resource.RLIM_INFINITY:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
+    except (ValueError, OSError):
+        pass
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft < wanted:
+        log("warning", "only %d files may be open, fewer than AUTH_MAX_CONNECTIONS needs; connections beyond "
+            "that wait (raise LimitNOFILE= in the unit, or lower AUTH_MAX_CONNECTIONS)" % soft)
 
 
 def build_parser():
