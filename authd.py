@@ -1008,7 +1008,7 @@ MAX_HEAD = 16384
 MAX_HEADERS = 100
 MAX_BODY = 8192
 TCHAR_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token characters: methods, field names
-BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+SPACE_OR_CONTROL_RE = re.compile(r"[\x00-\x20\x7f]")
 REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
            413: "Content Too Large", 414: "URI Too Long", 415: "Unsupported Media Type",
@@ -1105,28 +1105,25 @@ def parse_request_line(line):
         raise HTTPError(400, "non-ASCII request line") from None
     if not TCHAR_RE.fullmatch(method):
         raise HTTPError(400, "malformed method")
-    if not target.startswith("/") or any(ord(c) <= 32 or ord(c) == 127 for c in target):
+    if not target.startswith("/") or SPACE_OR_CONTROL_RE.search(target):
         raise HTTPError(400, "request target must be a path starting with /")
     return method, target, version
+
+
+HEADER_LINE_RE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*)\r?")
 
 
 def parse_header_fields(lines):
     """Header lines -> {lower-case name: value}; HTTPError for anything
     malformed, and for a repeat of a field that must be single."""
     headers = {}
-    for raw in lines:
-        line = raw[:-1] if raw.endswith(b"\r") else raw
-        if not line:
-            continue
-        if line[:1] in (b" ", b"\t"):
-            raise HTTPError(400, "folded header lines are not allowed")
-        name, sep, value = line.decode("latin-1").partition(":")
-        if not sep or not TCHAR_RE.fullmatch(name):
-            raise HTTPError(400, "malformed header field")
-        value = value.strip(" \t")
-        if BAD_VALUE_RE.search(value):
-            raise HTTPError(400, "control character in header %s" % name)
-        name = name.lower()
+    for line in lines:
+        match = HEADER_LINE_RE.fullmatch(line)
+        if match is None:
+            if line in ("", "\r"):
+                continue
+            raise HTTPError(400, header_line_problem(line))
+        name, value = match.group(1).lower(), match.group(2).rstrip(" \t")
         if name in headers:
             if name in SINGLE_HEADERS:
                 raise HTTPError(400, "repeated %s header" % name)
@@ -1135,10 +1132,20 @@ def parse_header_fields(lines):
     return headers
 
 
+def header_line_problem(line):
+    """What is wrong with a header line that HEADER_LINE_RE refused."""
+    if line[:1] in (" ", "\t"):
+        return "folded header lines are not allowed"
+    name, sep, _ = line.partition(":")
+    if not sep or not TCHAR_RE.fullmatch(name):
+        return "malformed header field"
+    return "control character in header %s" % name
+
+
 def parse_head(head):
     """The bytes of a request head -> Request (without body)."""
-    lines = head.split(b"\n")
-    method, target, version = parse_request_line(lines[0].rstrip(b"\r"))
+    lines = head.decode("latin-1").split("\n")
+    method, target, version = parse_request_line(lines[0].rstrip("\r").encode("latin-1"))
     if len(lines) - 1 > MAX_HEADERS:
         raise HTTPError(431, "too many header fields")
     request = Request()
