@@ -953,7 +953,7 @@ def issue_token(user, auth_time, now, settings, key):
 # bounded table (the oldest entries go first when it is full).
 # ---------------------------------------------------------------------------
 
-NAME_LIMIT_FACTOR = 4      # a user name may take 4x one address's attempts
+NAME_LIMIT_FACTOR = 4      # a user name may take 4x one address's failed attempts; an address 4x its logins
 
 
 class RateLimiter:
@@ -1384,6 +1384,9 @@ class App:
         if old is None or (old.limit, old.window) != (limit, window):
             self.address_limits = RateLimiter(limit, window)
             self.name_limits = RateLimiter(limit * NAME_LIMIT_FACTOR, window)
+            # every login, successful ones too (which the two above refund):
+            # one valid account must not buy unlimited password hashes
+            self.hash_limits = RateLimiter(limit * NAME_LIMIT_FACTOR, window)
         p = settings.prefix
         self.routes = {
             p + "/auth": ("*", self.handle_auth),
@@ -1521,15 +1524,20 @@ class App:
         return Later(self.finish_login, request, wants_json, name, password, target)
 
     def count_attempt(self, address, name):
-        """Count a login against the address's and the name's limits: 0 when
-        allowed, else the seconds to wait."""
-        key, now = rate_key(address), time.time()
-        wait = self.address_limits.hit(key, now)
-        if not wait:
-            wait = self.name_limits.hit(name[:64], now)
+        """Count a login against every limit: the address's and the name's
+        (refunded on success) and the address's hashes (never refunded: one
+        valid account must not buy unlimited scrypt runs). 0 when allowed,
+        else the seconds to wait."""
+        key, now, counted = rate_key(address), time.time(), []
+        for limiter, limit_key in ((self.address_limits, key), (self.name_limits, name[:64]),
+                                   (self.hash_limits, key)):
+            wait = limiter.hit(limit_key, now)
             if wait:
-                self.address_limits.refund(key)
-        return wait
+                for done, done_key in counted:
+                    done.refund(done_key)
+                return wait
+            counted.append((limiter, limit_key))
+        return 0
 
     def refund_attempt(self, address, name):
         self.address_limits.refund(rate_key(address))
