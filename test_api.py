@@ -16,8 +16,10 @@ What the tests rely on (the interface, also in README.md):
   no text/html and it has none of a browser's marks: Sec-Fetch-* headers, a
   "Mozilla/" User-Agent) that is not allowed gets 401 with
   `WWW-Authenticate: Basic realm="..."`. P/auth answers carry no body (SPEC);
-  GET P/login (nginx's `error_page 401` target) answers such a client 401 with
-  the challenge and a JSON body instead of the login page.
+  nginx passes P/auth's challenge on to the client. GET P/login (nginx's
+  `error_page 401` target) answers such a client 401 with a JSON body instead
+  of the login page, and adds the challenge only when asked directly (nginx
+  has already added P/auth's otherwise).
 - `GET P/metrics`: the Prometheus text format. Names used here:
   authd_auth_requests_total{result}, authd_logins_total{result},
   authd_hash_seconds (histogram; _count is the number of password hashes),
@@ -554,13 +556,18 @@ def test_logged_out_non_browser_gets_a_challenge_browser_never(tmp_path, authd, 
         r = d.request("GET", path, headers=headers)
         assert r.status == 401 and r.body == b"", (path, r)
         (no_challenge if is_browser else challenge)(r)
-    r = d.request("GET", P + "/login", headers=dict(headers, **{"X-Original-URI": "/repo.git/info/refs"}))
-    if is_browser:
-        assert r.status == 200 and b'name="password"' in r.body, r
-        no_challenge(r)
-    else:
+    # GET P/login: nginx's `error_page 401` target for a protected URL (X-Original-URI
+    # outside P: nginx already passes P/auth's challenge on, so none here, or the
+    # client would see two), or a direct request (with the challenge).
+    for original, direct in (("/repo.git/info/refs", False), (P + "/login", True), (None, True)):
+        extra = {"X-Original-URI": original} if original else {}
+        r = d.request("GET", P + "/login", headers=dict(headers, **extra))
+        if is_browser:
+            assert r.status == 200 and b'name="password"' in r.body, r
+            no_challenge(r)
+            continue
         assert r.status == 401, r
-        challenge(r)
+        (challenge if direct else no_challenge)(r)
         assert r.headers["content-type"].startswith("application/json"), r
         assert r.json()["status"] == "fail" and b"<form" not in r.body
 
