@@ -8,15 +8,16 @@ login page, issues and refreshes the cookie, and logs out. Users live in a
 plain text file. See README.md.
 
 The file reads in the order data flows, one banner per section:
-logging -> settings -> password hashes -> users file -> tokens ->
-rate limits -> request and reply -> pages -> app -> server -> command line ->
-main.
+logging -> counting -> settings -> password hashes -> users file -> tokens ->
+API clients -> rate limits -> request and reply -> pages -> app -> metrics ->
+server -> command line -> main.
 """
 
 import argparse
 import asyncio
 import base64
 import binascii
+import bisect
 import concurrent.futures
 import ctypes
 import ctypes.util
@@ -27,6 +28,7 @@ import hashlib
 import hmac
 import html
 import ipaddress
+import itertools
 import json
 import os
 import re
@@ -75,6 +77,84 @@ def quoted(text):
 
 class Failure(Exception):
     """An error for the operator: printed as one line, never a traceback."""
+
+
+# ---------------------------------------------------------------------------
+# Counting, for the metrics page: counters that lose nothing under threads
+# and take no lock on the hot path, and a histogram of the (rare, costly)
+# password hashes.
+# ---------------------------------------------------------------------------
+
+class Counts:
+    """Counts by label. Each thread adds to a dict of its own (one writer per
+    dict: no lock and no lost update); a scrape sums the dicts, folding those
+    of finished threads into one total so that they do not pile up."""
+
+    def __init__(self, labels):
+        self.labels = tuple(labels)
+        self.local = threading.local()
+        self.parts = []                           # (thread, its counts)
+        self.finished = dict.fromkeys(self.labels, 0)
+        self.lock = threading.Lock()
+
+    def add(self, label):
+        try:
+            counts = self.local.counts
+        except AttributeError:
+            counts = self._own()
+        counts[label] += 1
+
+    def _own(self):
+        counts = dict.fromkeys(self.labels, 0)    # fixed keys: never resized while a scrape reads it
+        with self.lock:
+            self._fold()
+            self.parts.append((threading.current_thread(), counts))
+        self.local.counts = counts
+        return counts
+
+    def _fold(self):
+        live = []
+        for thread, counts in self.parts:
+            if thread.is_alive():
+                live.append((thread, counts))
+            else:  # it will never write again
+                for label, n in counts.items():
+                    self.finished[label] += n
+        self.parts = live
+
+    def totals(self):
+        with self.lock:
+            self._fold()
+            return {label: self.finished[label] + sum(c[label] for _, c in self.parts) for label in self.labels}
+
+
+class Histogram:
+    """Durations in seconds, in cumulative buckets as Prometheus reads them.
+    A lock is fine here: it counts password hashes, which take far longer."""
+
+    def __init__(self, bounds):
+        self.bounds = tuple(bounds)
+        self.buckets = [0] * (len(self.bounds) + 1)   # the last one is +Inf
+        self.sum, self.count = 0.0, 0
+        self.lock = threading.Lock()
+
+    def observe(self, seconds):
+        with self.lock:
+            self.buckets[bisect.bisect_left(self.bounds, seconds)] += 1
+            self.sum += seconds
+            self.count += 1
+
+    def snapshot(self):
+        """(cumulative counts per bound and +Inf, sum, count)."""
+        with self.lock:
+            return list(itertools.accumulate(self.buckets)), self.sum, self.count
+
+
+AUTH_COUNTS = Counts(("allow", "deny", "forbidden", "bypass", "basic", "token"))   # P/auth, P/admin answers
+LOGIN_COUNTS = Counts(("ok", "fail", "rate-limited", "busy", "cross-site", "two-factor"))
+RELOAD_COUNTS = Counts(("ok", "error"))                                            # of the users file
+HASH_TIMES = Histogram((0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+STARTED = time.time()
 
 
 # ---------------------------------------------------------------------------
@@ -180,6 +260,7 @@ SETTINGS = {
     "AUTH_TOKEN_SECRET": Setting("", secret_list, "token_secrets", True),
     "AUTH_SECRET_FILE": Setting("", optional, "secret_file", False),
     "AUTH_USERS_FILE": Setting(os.path.join(HERE, "users.txt"), str, "users_file", False),
+    "AUTH_TOKENS_FILE": Setting("", optional, "tokens_file", False),
     "AUTH_BYPASS": Setting("", optional, "bypass", True),
     "AUTH_EXPIRY_DAYS": Setting("7", real_number("days", "7 or 0.5", 36500), "expiry_days", True),
     "AUTH_MAX_AGE_DAYS": Setting("30", real_number("days", "30 or 0.5", 36500, zero_means="unlimited"),
@@ -209,8 +290,11 @@ class Settings:
     def __init__(self, values):
         for name, setting in SETTINGS.items():
             setattr(self, setting.attribute, values[name])
+        folder = os.path.dirname(os.path.abspath(self.users_file))
         if self.secret_file is None:
-            self.secret_file = os.path.join(os.path.dirname(os.path.abspath(self.users_file)), ".authd_secret")
+            self.secret_file = os.path.join(folder, ".authd_secret")
+        if self.tokens_file is None:
+            self.tokens_file = os.path.join(folder, "tokens.txt")
 
     def keep_restart_only(self, running):
         """On reload, keep the RUNNING values of the settings that only a
@@ -395,8 +479,10 @@ class hash_slot:
     def __enter__(self):
         if not HASH_SLOTS.acquire(timeout=HASH_WAIT):
             raise HashBusy()
+        self.started = time.perf_counter()
 
     def __exit__(self, *exc):
+        HASH_TIMES.observe(time.perf_counter() - self.started)
         HASH_SLOTS.release()
 
 
@@ -747,15 +833,16 @@ def write_file_atomically(path, text, default_mode=0o600):
         pass
 
 
-def edit_users_file(path, change):
+def edit_users_file(path, change, read=read_users_file, render=render_users):
     """Lock, read, call change(entries, users) -> message, write back
-    atomically (only if something changed), return the message."""
+    atomically (only if something changed), return the message. The tokens
+    file is edited the same way, with its own READ and RENDER."""
     with UsersFileLock(path):
         remove_stale_temp_files(path)
-        entries, users = read_users_file(path)
-        before = render_users(entries)
+        entries, users = read(path)
+        before = render(entries)
         message = change(entries, users)
-        after = render_users(entries)
+        after = render(entries)
         if after != before:
             write_file_atomically(path, after)
         return message
@@ -946,6 +1033,240 @@ def issue_token(user, auth_time, now, settings, key):
         exp = min(exp, auth_time + int(settings.max_age_days * DAY))
     claims = {"sub": user.name, "iat": now, "exp": exp, "auth_time": auth_time, "pwh": user.fingerprint}
     return sign_token(claims, key), exp - now
+
+
+# ---------------------------------------------------------------------------
+# API clients: HTTP Basic and app tokens. A verified name and password pair is
+# remembered for a few minutes under a keyed hash (never the password), so a
+# script's next request costs no password hash. App tokens are stored only as
+# SHA-256 digests in a tokens file beside the users file: checking one costs
+# one SHA-256 and a lookup.
+# ---------------------------------------------------------------------------
+
+APP_TOKEN_PREFIX = "authd_"                            # lets secret scanners spot a leaked token
+APP_TOKEN_RE = re.compile(r"authd_[A-Za-z0-9_-]{43}")  # 256 random bits in base64url
+TOKEN_LABEL_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+MAX_BASIC = 4096                                       # characters of base64 in a Basic header
+MAX_PASSWORD = 1024                                    # as the command line allows
+CHALLENGE = 'Basic realm="authd", charset="UTF-8"'
+NO_CREDENTIALS = (None, None, None)
+TOKENS_HEADER = ("# authd app tokens; edit them with: authd.py token add|list|revoke. One a line:\n"
+                 "# owner:label:sha256 of the token:created:expires (0 = never):password fingerprint\n"
+                 "# (times in seconds since 1970, UTC). The tokens themselves are never stored.")
+
+
+def new_app_token():
+    return APP_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def token_digest(token):
+    return hashlib.sha256(token.encode("ascii")).hexdigest()
+
+
+def parse_authorization(value):
+    """An Authorization header -> ("token", name or None, token),
+    ("basic", name, password), or NO_CREDENTIALS. Anything malformed stops
+    here, before it can cost a hash."""
+    scheme, _, rest = value.partition(" ")
+    scheme, rest = scheme.lower(), rest.strip(" ")
+    if scheme == "bearer":
+        return ("token", None, rest) if APP_TOKEN_RE.fullmatch(rest) else NO_CREDENTIALS
+    if scheme != "basic" or len(rest) > MAX_BASIC:
+        return NO_CREDENTIALS
+    try:
+        name, colon, password = base64.b64decode(rest, validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, ValueError):  # bad base64, non-ASCII text, not UTF-8
+        return NO_CREDENTIALS
+    if not colon or not valid_name(name) or not 0 < len(password) <= MAX_PASSWORD:
+        return NO_CREDENTIALS
+    if APP_TOKEN_RE.fullmatch(password):  # clients that speak only Basic send a token as the password
+        return "token", name, password
+    return "basic", name, password
+
+
+def has_two_factor(user):
+    return user is not None and bool(getattr(user, "totp", None))
+
+
+def is_api_client(request):
+    """Not a browser: it sent Authorization, or it asks for no HTML and has
+    none of a browser's marks (Sec-Fetch-* headers, a Mozilla/ User-Agent).
+    Such a client is told how to authenticate (WWW-Authenticate); a browser
+    never is, so it never pops its Basic dialog. No Accept at all counts as
+    a browser, as it always has."""
+    headers = request.headers
+    if "authorization" in headers:
+        return True
+    accept = headers.get("accept")
+    if accept is None or "text/html" in accept.lower() or "sec-fetch-mode" in headers or "sec-fetch-dest" in headers:
+        return False
+    return not headers.get("user-agent", "").startswith("Mozilla/")
+
+
+class PairCache:
+    """Verified Basic pairs: HMAC of the pair under a key made at start-up
+    -> (expiry, the user's line when verified). Neither the password nor
+    anything that could be attacked offline is kept. Bounded (oldest out
+    first) and time-limited; a changed line no longer matches."""
+
+    def __init__(self, size=10000, ttl=300):
+        self.size, self.ttl = size, ttl
+        self.secret = secrets.token_bytes(32)
+        self.entries = OrderedDict()
+        self.lock = threading.Lock()
+
+    def key(self, name, password):
+        name = name.encode("utf-8")
+        return hmac.digest(self.secret, b"%d:" % len(name) + name + password.encode("utf-8"), "sha256")
+
+    def get(self, key, now):
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= now:
+            self.entries.pop(key, None)
+            return None
+        return entry[1]
+
+    def put(self, key, value, now):
+        with self.lock:
+            self.entries.pop(key, None)
+            self.entries[key] = (now + self.ttl, value)
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+
+    def clear(self):
+        with self.lock:
+            self.entries.clear()
+
+    def __len__(self):
+        return len(self.entries)
+
+
+class AppToken:
+    __slots__ = ("owner", "label", "digest", "created", "expires", "fingerprint")
+
+    def __init__(self, owner, label, digest, created, expires, fingerprint):
+        self.owner, self.label, self.digest = owner, label, digest
+        self.created, self.expires, self.fingerprint = created, expires, fingerprint
+
+    def line(self):
+        return "%s:%s:%s:%d:%d:%s" % (self.owner, self.label, self.digest, self.created, self.expires,
+                                      self.fingerprint)
+
+    def status(self, users, now):
+        """Why the server would refuse it, or "active"."""
+        user = users.get(self.owner)
+        if user is None:
+            return "revoked (the user is gone)"
+        if not hmac.compare_digest(user.fingerprint, self.fingerprint):
+            return "revoked (the password changed)"
+        return "expired" if self.expires and self.expires <= now else "active"
+
+
+def parse_token_line(line):
+    """One tokens-file line -> AppToken, None (comment or blank), or ValueError."""
+    if not line.strip() or line.lstrip().startswith("#"):
+        return None
+    fields = line.split(":")
+    if len(fields) != 6:
+        raise ValueError("expected owner:label:sha256:created:expires:fingerprint")
+    owner, label, digest, created, expires, fingerprint = fields
+    check_name(owner, "owner name")
+    if not TOKEN_LABEL_RE.fullmatch(label):
+        raise ValueError("bad label %s: 1 to 64 letters, digits, '.', '_' or '-'" % quoted(label))
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ValueError("the third field must be a SHA-256 in 64 hex digits")
+    if not re.fullmatch(r"\d{1,12}", created) or not re.fullmatch(r"\d{1,12}", expires):
+        raise ValueError("the times must be whole seconds")
+    if not re.fullmatch(r"[A-Za-z0-9_=-]{1,64}", fingerprint):
+        raise ValueError("malformed password fingerprint")
+    return AppToken(owner, label, digest, int(created), int(expires), fingerprint)
+
+
+def parse_tokens_text(text, path):
+    """-> (entries, tokens by digest); UsersFileError lists every bad line."""
+    entries, tokens, labels, problems = [], {}, set(), []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            token = parse_token_line(line)
+        except ValueError as e:
+            problems.append("%s line %d: %s" % (path, number, e))
+            continue
+        if token is None:
+            entries.append(line)
+        elif token.digest in tokens or (token.owner, token.label) in labels:
+            problems.append("%s line %d: a second line for token %s of %s" % (path, number, token.label, token.owner))
+        else:
+            tokens[token.digest] = token
+            labels.add((token.owner, token.label))
+            entries.append(token)
+    if problems:
+        raise UsersFileError(problems)
+    return entries, tokens
+
+
+def read_tokens_file(path):
+    """(entries, tokens) of the tokens file; an absent file has none."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_USERS_FILE + 1)
+    except FileNotFoundError:
+        return [], {}
+    except OSError as e:
+        raise UsersFileError(["%s: cannot read: %s" % (path, e.strerror)])
+    if len(data) > MAX_USERS_FILE:
+        raise UsersFileError(["%s: larger than %d MiB" % (path, MAX_USERS_FILE >> 20)])
+    try:
+        return parse_tokens_text(data.decode("utf-8"), path)
+    except UnicodeDecodeError as e:
+        raise UsersFileError(["%s: not UTF-8 text (byte %d)" % (path, e.start)]) from None
+
+
+def render_tokens(entries):
+    return "".join((e.line() if isinstance(e, AppToken) else e) + "\n" for e in entries)
+
+
+def rebind_tokens(path, name, old, new):
+    """A legacy hash was upgraded (same password, new hash): keep the user's
+    tokens, which are bound to the hash's fingerprint, valid."""
+    def change(entries, tokens):
+        for token in tokens.values():
+            if token.owner == name and token.fingerprint == old:
+                token.fingerprint = new
+
+    if os.path.exists(path):
+        edit_users_file(path, change, read_tokens_file, render_tokens)
+
+
+class TokensStore:
+    """The app tokens the server answers from, by digest. Reloaded like the
+    users store (the same signature check); a reload swaps the whole dict."""
+
+    file_signature = UsersStore.file_signature
+    changed = UsersStore.changed
+
+    def __init__(self, path):
+        self.path = path
+        self.tokens = {}
+        self.signature = None
+
+    def load(self):
+        signature = self.file_signature()
+        _, tokens = read_tokens_file(self.path)
+        self.tokens, self.signature = tokens, signature
+        return tokens
+
+    def find(self, token, name, users, now):
+        """The user TOKEN stands for, or None: unknown, expired, NAME given
+        and not its owner, or its owner deleted or with a new password."""
+        entry = self.tokens.get(token_digest(token))
+        if entry is None or (entry.expires and entry.expires <= now) or name not in (None, entry.owner):
+            return None
+        user = users.get(entry.owner)
+        if user is None or not hmac.compare_digest(user.fingerprint, entry.fingerprint):
+            return None
+        return user
 
 
 # ---------------------------------------------------------------------------
@@ -1343,11 +1664,13 @@ ISSUE_SLACK = 60  # seconds a token's life may exceed AUTH_EXPIRY_DAYS (rounding
 class Later:
     """A handler's answer that needs a password hash: the server calls
     FUNCTION(*ARGS) on its bounded hash pool, never on the thread that
-    serves the hot path, and sends the Reply it returns."""
-    __slots__ = ("function", "args")
+    serves the hot path, and sends the Reply it returns. When too many
+    wait already, it sends BUSY() instead, or App.busy's 503 without one
+    (P/auth may answer 2xx, 401 or 403 only)."""
+    __slots__ = ("function", "args", "busy")
 
-    def __init__(self, function, *args):
-        self.function, self.args = function, args
+    def __init__(self, function, *args, busy=None):
+        self.function, self.args, self.busy = function, args, busy
 
     def run(self):
         return self.function(*self.args)
@@ -1374,6 +1697,9 @@ def parse_rules(query):
 class App:
     def __init__(self, settings, keys, store):
         self.store = store
+        self.tokens = TokensStore(settings.tokens_file)
+        self.pairs = PairCache()
+        self.open_connections = lambda: 0  # the server sets this, for the metrics
         self.configure(settings, keys)
 
     def configure(self, settings, keys):
@@ -1397,6 +1723,7 @@ class App:
             p + "/logged-in": ("GET, HEAD", self.handle_whoami),
             p: ("GET, HEAD", self.handle_whoami),
             p + "/healthz": ("GET, HEAD", self.handle_health),
+            p + "/metrics": ("GET, HEAD", self.handle_metrics),
         }
 
     def dispatch(self, request):
@@ -1459,17 +1786,16 @@ class App:
         bypass = self.settings.bypass
         if bypass and "x-auth-bypass" in request.headers and hmac.compare_digest(
                 request.headers["x-auth-bypass"].encode("utf-8", "replace"), bypass.encode("utf-8")):
+            AUTH_COUNTS.add("bypass")
             return Reply(200)
         user, claims = self.session(request, now)
         if user is None:
-            reply = Reply(401)
-            if "cookie" in request.headers and cookie_values(request.headers["cookie"], self.settings.cookie_name):
-                reply.headers.append(("Set-Cookie", self.clearing_cookie()))
-            return reply
-        if admin_only and not user.admin:
+            if "authorization" in request.headers:
+                return self.credentials_auth(request, admin_only, now)
+            return self.denied(request)
+        if not self.permitted(request, user, admin_only):
             return Reply(403)
-        if request.query and not self.rules_allow(request.query, user):
-            return Reply(403)
+        AUTH_COUNTS.add("allow")
         reply = Reply(200, user=user)
         if now - claims["iat"] > REFRESH_AFTER:
             reply.headers.append(("Set-Cookie", self.session_cookie(user, claims["auth_time"], now)))
@@ -1479,6 +1805,76 @@ class App:
 
     def handle_admin(self, request):
         return self.handle_auth(request, admin_only=True)
+
+    def permitted(self, request, user, admin_only):
+        """USER may pass P/admin (when ADMIN_ONLY) and nginx's rules; counts a refusal."""
+        if (admin_only and not user.admin) or (request.query and not self.rules_allow(request.query, user)):
+            AUTH_COUNTS.add("forbidden")
+            return False
+        return True
+
+    def denied(self, request):
+        """401 from P/auth: a challenge for API clients, and a cleared
+        cookie when an invalid one came along."""
+        AUTH_COUNTS.add("deny")
+        reply = Reply(401)
+        if is_api_client(request):
+            reply.headers.append(("WWW-Authenticate", CHALLENGE))
+        if "cookie" in request.headers and cookie_values(request.headers["cookie"], self.settings.cookie_name):
+            reply.headers.append(("Set-Cookie", self.clearing_cookie()))
+        return reply
+
+    def credentials_auth(self, request, admin_only, now):
+        """P/auth with Authorization and no valid cookie. An app token, or a
+        pair verified in the last few minutes, answers now; any other pair
+        needs a password hash, which runs Later, on the hash pool. A wrong
+        pair counts against the login rate limits."""
+        kind, name, secret = parse_authorization(request.headers["authorization"])
+        if kind == "token":
+            return self.identified(request, self.tokens.find(secret, name, self.store.users, now), admin_only, "token")
+        user = self.store.users.get(name) if kind == "basic" else None
+        if kind is None or has_two_factor(user):  # two-factor users use app tokens
+            return self.denied(request)
+        key = self.pairs.key(name, secret)
+        if user is not None and self.pairs.get(key, now) == user.line():
+            return self.identified(request, user, admin_only, "basic")
+        if self.count_attempt(request.client_ip(), name):
+            log("warning", "login rate limit hit from %s user=%s (Basic)" % (request.client_ip(), quoted(name)))
+            return self.denied(request)
+        return Later(self.finish_basic, request, admin_only, name, secret, key,
+                     busy=lambda: self.basic_busy(request, name))
+
+    def finish_basic(self, request, admin_only, name, password, key):
+        """The costly half of a Basic check: verify the pair, remember it."""
+        address = request.client_ip()
+        try:
+            user = self.check_password(name, password)
+        except HashBusy:
+            return self.basic_busy(request, name)
+        if user is None:
+            log("warning", "login failed from %s user=%s (Basic)" % (address, quoted(name)))
+            return self.denied(request)
+        self.refund_attempt(address, name)
+        self.pairs.put(key, user.line(), time.time())
+        return self.identified(request, user, admin_only, "basic")
+
+    def basic_busy(self, request, name):
+        """Too many hashes wait: 401 now (the only refusal P/auth has), and
+        the attempt does not count against the client."""
+        self.refund_attempt(request.client_ip(), name)
+        reply = self.denied(request)
+        reply.headers.append(("Retry-After", "5"))
+        return reply
+
+    def identified(self, request, user, admin_only, how):
+        """The answer for USER, known by HOW (basic or token): no cookie, and
+        no X-Accel-Expires (nginx's micro-cache keys on the cookie alone)."""
+        if user is None:
+            return self.denied(request)
+        if not self.permitted(request, user, admin_only):
+            return Reply(403)
+        AUTH_COUNTS.add(how)
+        return Reply(200, user=user)
 
     def rules_allow(self, query, user):
         """The rules in nginx's query: the user must be in a listed group or
@@ -1501,11 +1897,14 @@ class App:
             user, _ = self.session(request, int(time.time()))
             if user is not None:
                 return Reply(303, headers=[("Location", target)])
+            if is_api_client(request):
+                return self.sign_in_required(request)
             return self.login_page(request, target)
         wants_json = request.content_type() == "application/json"
         if self.cross_site(request):
             log("warning", "cross-site login refused from %s (Origin %s)"
                 % (request.client_ip(), quoted(request.headers.get("origin", ""))))
+            LOGIN_COUNTS.add("cross-site")
             return self.login_failed(request, wants_json, 403, "Cross-site login refused", target)
         try:
             name, password, form_target = parse_login_body(request)
@@ -1517,6 +1916,7 @@ class App:
         wait = self.count_attempt(request.client_ip(), name)
         if wait:
             log("warning", "login rate limit hit from %s user=%s" % (request.client_ip(), quoted(name)))
+            LOGIN_COUNTS.add("rate-limited")
             reply = self.login_failed(request, wants_json, 429, "Too many attempts; try again in %d seconds" % wait,
                                       target)
             reply.headers.append(("Retry-After", str(wait)))
@@ -1553,11 +1953,13 @@ class App:
             return self.busy(request, wants_json, target)
         if user is None:
             log("warning", "login failed from %s user=%s" % (address, quoted(name)))
+            LOGIN_COUNTS.add("fail")
             message = "Invalid credentials" if wants_json else "Invalid user name or password"
             return self.login_failed(request, wants_json, 401, message, target, name)
         self.refund_attempt(address, name)
         self.warn_if_cookie_will_be_dropped(request)
         log("info", "login ok from %s user=%s" % (address, quoted(user.name)))
+        LOGIN_COUNTS.add("ok")
         now = int(time.time())
         cookie = ("Set-Cookie", self.session_cookie(user, now, now))
         if wants_json:
@@ -1576,7 +1978,9 @@ class App:
             return None
         if is_legacy_hash(user.hash):
             try:
+                old = user.fingerprint
                 user = self.store.upgrade_hash(name, password) or user
+                rebind_tokens(self.tokens.path, name, old, user.fingerprint)
                 log("info", "upgraded the password hash of %s to scrypt" % name)
             except (Failure, OSError) as e:
                 log("error", "could not upgrade the password hash of %s: %s" % (name, e))
@@ -1652,6 +2056,7 @@ class App:
     def busy(self, request, wants_json=None, target=None):
         """503 when too many password checks wait already: answered at once,
         so a flood of logins costs neither a wait nor a connection held open."""
+        LOGIN_COUNTS.add("busy")
         wants_json = request.content_type() == "application/json" if wants_json is None else wants_json
         reply = self.login_failed(request, wants_json, 503, "The server is busy; try again in a moment",
                                   target or self.return_target(request))
@@ -1660,6 +2065,99 @@ class App:
 
     def handle_health(self, request):
         return text_reply(200, "ok")
+
+    def sign_in_required(self, request):
+        """GET P/login from an API client (nginx's error page for a protected
+        URL): 401 and JSON, never the form. The challenge comes along only
+        when asked directly: behind error_page, nginx already passes on
+        P/auth's, and a second one would confuse clients."""
+        reply = Reply(401, data={"status": "fail", "message": "Sign in with HTTP Basic or an app token"})
+        original = request.headers.get("x-original-uri")
+        if original is None or original.startswith(self.settings.prefix + "/"):
+            reply.headers.append(("WWW-Authenticate", CHALLENGE))
+        return reply
+
+    def handle_metrics(self, request):
+        """The metrics, for an app token of a user in group admin or metrics."""
+        now = int(time.time())
+        kind, name, secret = parse_authorization(request.headers.get("authorization", ""))
+        user = self.tokens.find(secret, name, self.store.users, now) if kind == "token" else None
+        if user is None and self.session(request, now)[0] is None:
+            reply = Reply(401, data={"status": "fail", "message": "An app token of a user in group admin or "
+                                                                  "metrics is required"})
+            if is_api_client(request):
+                reply.headers.append(("WWW-Authenticate", CHALLENGE))
+            return reply
+        if user is None or not METRICS_GROUPS.intersection(user.groups):
+            return Reply(403, data={"status": "fail", "message": "Only an app token of a user in group admin "
+                                                                 "or metrics may read the metrics"})
+        return Reply(200, body=render_metrics(self).encode("utf-8"), content_type=METRICS_TYPE)
+
+
+# ---------------------------------------------------------------------------
+# Metrics: P/metrics in the Prometheus text format (version 0.0.4), built at
+# each scrape from the counts above and a few gauges read on the spot.
+# ---------------------------------------------------------------------------
+
+METRICS_GROUPS = frozenset(("admin", "metrics"))
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def metric_lines(name, kind, help_text, samples):
+    """One family; SAMPLES: (name suffix, ((label, value), ...), number)."""
+    lines = ["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind)]
+    for suffix, labels, value in samples:
+        text = "{%s}" % ",".join('%s="%s"' % label for label in labels) if labels else ""
+        lines.append("%s%s%s %s" % (name, suffix, text, repr(value)))
+    return lines
+
+
+def by_label(label, totals):
+    return [("", ((label, key),), value) for key, value in totals.items()]
+
+
+def one(value):
+    return [("", (), value)]
+
+
+def hash_time_samples():
+    cumulative, total, count = HASH_TIMES.snapshot()
+    bounds = ["%g" % bound for bound in HASH_TIMES.bounds] + ["+Inf"]
+    return [("_bucket", (("le", le),), n) for le, n in zip(bounds, cumulative)] + \
+        [("_sum", (), total), ("_count", (), count)]
+
+
+def resident_memory():
+    """Bytes of the process in RAM now (Linux); elsewhere the peak."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def render_metrics(app):
+    cpu = os.times()
+    families = [
+        ("authd_auth_requests_total", "counter", "Answers of P/auth and P/admin by result (basic and token: "
+         "allowed by HTTP Basic or an app token).", by_label("result", AUTH_COUNTS.totals())),
+        ("authd_logins_total", "counter", "Logins by result.", by_label("result", LOGIN_COUNTS.totals())),
+        ("authd_hash_seconds", "histogram", "Time taken by password hashes.", hash_time_samples()),
+        ("authd_connections_open", "gauge", "Client connections open.", one(app.open_connections())),
+        ("authd_users_loaded", "gauge", "Users in the users file.", one(len(app.store.users))),
+        ("authd_reloads_total", "counter", "Reloads of the users file by result.",
+         by_label("result", RELOAD_COUNTS.totals())),
+        ("authd_token_cache_entries", "gauge", "Verified session cookies cached.", one(len(app.token_cache))),
+        ("authd_basic_cache_entries", "gauge", "Verified Basic pairs remembered.", one(len(app.pairs))),
+        ("authd_app_tokens", "gauge", "App tokens loaded.", one(len(app.tokens.tokens))),
+        ("authd_build_info", "gauge", "The version of authd and of Python.", [("", (
+            ("version", __version__), ("python", "%d.%d.%d" % sys.version_info[:3])), 1)]),
+        ("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", one(resident_memory())),
+        ("process_cpu_seconds_total", "counter", "User and system CPU time in seconds.", one(cpu.user + cpu.system)),
+        ("process_start_time_seconds", "gauge", "Start time of the process since the epoch in seconds.",
+         one(STARTED)),
+    ]
+    return "\n".join(line for family in families for line in metric_lines(*family)) + "\n"
 
 
 # ---------------------------------------------------------------------------
@@ -1846,7 +2344,7 @@ class Server:
     def run_later(self, connection, request, later, close):
         """Run a Later job on the hash pool, then answer on the loop."""
         if self.waiting_hashes >= MAX_WAITING_HASHES:
-            reply = self.app.busy(request)
+            reply = later.busy() if later.busy else self.app.busy(request)
             return connection.send(render_reply(reply, request, close), close)
         self.waiting_hashes += 1
         connection.busy = True
@@ -1952,12 +2450,14 @@ def run_server(server, app, args):
         if everything:
             notify_systemd("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
             reload_settings(app, args)
-        reload_users(app.store)
-        if everything:
+            reload_users(app.store)
+            reload_tokens(app.tokens)
             notify_systemd("READY=1")
+        else:
+            reload_changed_files(app)
 
     def watch():
-        if app.store.changed():
+        if app.store.changed() or app.tokens.changed():
             reloads.submit(reload, False)
         loop.call_later(1.0, watch)
 
@@ -1992,13 +2492,32 @@ def finish_server(server, reloads):
     return 0
 
 
+def reload_changed_files(app):
+    """Reload the users and tokens files if their modification time changed."""
+    if app.store.changed():
+        reload_users(app.store)
+    if app.tokens.changed():
+        reload_tokens(app.tokens)
+
+
 def reload_users(store):
     try:
         users = store.load()
         log("info", "loaded %d user(s) from %s" % (len(users), store.path))
+        RELOAD_COUNTS.add("ok")
     except (UsersFileError, Failure, OSError) as e:
         store.signature = store.file_signature()  # don't retry until the file changes again
         log("error", "kept the previous users: %s" % str(e).replace("\n", "; "))
+        RELOAD_COUNTS.add("error")
+
+
+def reload_tokens(tokens):
+    try:
+        loaded = tokens.load()
+        log("info", "loaded %d app token(s) from %s" % (len(loaded), tokens.path))
+    except (UsersFileError, OSError) as e:
+        tokens.signature = tokens.file_signature()  # don't retry until the file changes again
+        log("error", "kept the previous app tokens: %s" % str(e).replace("\n", "; "))
 
 
 def reload_settings(app, args):
@@ -2150,6 +2669,77 @@ def command_import_htpasswd(args, settings):
         print("skipped " + line)
 
 
+def token_days(text):
+    """--days: a positive number of days (fractions allowed), at most 100 years."""
+    try:
+        days = float(text)
+    except ValueError:
+        days = float("nan")
+    if not 0 < days <= 36500:  # also refuses nan
+        raise argparse.ArgumentTypeError("must be a number of days from 0 to 36500, such as 90 or 0.5")
+    return days
+
+
+def when(seconds):
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds))
+
+
+def command_token_add(args, settings):
+    """Make a token, store its digest, print it (the only time it is shown)."""
+    if args.label is not None and not TOKEN_LABEL_RE.fullmatch(args.label):
+        raise Failure("bad label %s: 1 to 64 letters, digits, '.', '_' or '-'" % quoted(args.label))
+    _, users = read_users_file(settings.users_file)
+    require_user(users, args.name, settings.users_file)
+    token, now = new_app_token(), int(time.time())
+    expires = now + int(args.days * DAY) if args.days else 0
+
+    def add(entries, tokens):
+        taken = {t.label for t in tokens.values() if t.owner == args.name}
+        label = args.label or next("token-%d" % i for i in itertools.count(1) if "token-%d" % i not in taken)
+        if label in taken:
+            raise Failure("%s already has a token labelled %s (revoke it, or choose another --label)"
+                          % (args.name, label))
+        if not entries:
+            entries.extend(TOKENS_HEADER.splitlines())
+        entries.append(AppToken(args.name, label, token_digest(token), now, expires, users[args.name].fingerprint))
+        return label
+
+    label = edit_users_file(settings.tokens_file, add, read_tokens_file, render_tokens)
+    print(token)
+    print("authd: app token %s of %s, %s, saved in %s. It is shown only this once: store it now."
+          % (label, args.name, "expires " + when(expires) if expires else "no expiry", settings.tokens_file),
+          file=sys.stderr)
+
+
+def command_token_list(args, settings):
+    _, users = read_users_file(settings.users_file)
+    _, tokens = read_tokens_file(settings.tokens_file)
+    shown = sorted((t for t in tokens.values() if args.name in (None, t.owner)), key=lambda t: (t.owner, t.created))
+    if args.name is not None and not shown:
+        require_user(users, args.name, settings.users_file)
+    now = int(time.time())
+    for t in shown:
+        print("%s\t%s\tcreated %s\t%s\t%s" % (t.owner, t.label, when(t.created),
+                                           "expires " + when(t.expires) if t.expires else "no expiry",
+                                           t.status(users, now)))
+
+
+def command_token_revoke(args, settings):
+    def revoke(entries, tokens):
+        found = [t for t in tokens.values() if t.owner == args.name and t.label == args.label]
+        if not found:
+            raise Failure("no token %s of %s in %s" % (quoted(args.label), quoted(args.name), settings.tokens_file))
+        entries.remove(found[0])
+
+    edit_users_file(settings.tokens_file, revoke, read_tokens_file, render_tokens)
+    print("revoked token %s of %s" % (args.label, args.name))
+
+
+def command_token(args, settings):
+    return {"add": command_token_add, "list": command_token_list,
+            "revoke": command_token_revoke}[args.action](args, settings)
+
+
 def users_file_problems(path):
     """Every problem of the users file at PATH (printing notes as it goes)."""
     try:
@@ -2172,6 +2762,10 @@ def command_check(args, settings):
         if settings.token_secrets or os.path.exists(settings.secret_file):
             problems.append(str(e))
     problems += users_file_problems(settings.users_file)
+    try:
+        read_tokens_file(settings.tokens_file)
+    except UsersFileError as e:
+        problems += e.problems
     print_problems(problems)
     if problems:
         return 1
@@ -2186,6 +2780,7 @@ def command_serve(args, settings):
     if not store.users:
         log("warning", "no users yet: add one with: python3 authd.py adduser NAME --users %s" % settings.users_file)
     app = App(settings, keys, store)
+    app.tokens.load()
     try:
         sock, where = listening_socket(settings)
     except OSError as e:
@@ -2193,6 +2788,7 @@ def command_serve(args, settings):
                                                   e.strerror or e))
     allow_open_files(settings.max_connections + 64)
     server = Server(app, sock, where)
+    app.open_connections = lambda: len(server.connections)
     if where == "unix:" + str(settings.socket):
         server.owned_path = settings.socket
     return run_server(server, app, args)
@@ -2238,12 +2834,27 @@ def build_parser():
     commands.add_parser("check", parents=[common], help="validate the settings and the users file")
     imp = commands.add_parser("import-htpasswd", parents=[common], help="merge an htpasswd file into the users file")
     imp.add_argument("file")
+    add_token_parser(commands, common)
     return parser
+
+
+def add_token_parser(commands, common):
+    token = commands.add_parser("token", help="app tokens for scripts and API clients: add, list, revoke")
+    actions = token.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = actions.add_parser("add", parents=[common], help="make a token for user NAME and print it, once")
+    add.add_argument("name")
+    add.add_argument("--label", help="a name for the token, such as laptop or ci (default: token-N)")
+    add.add_argument("--days", type=token_days, help="expire after this many days (default: never)")
+    listing = actions.add_parser("list", parents=[common], help="list tokens (all, or NAME's), never the tokens")
+    listing.add_argument("name", nargs="?")
+    revoke = actions.add_parser("revoke", parents=[common], help="remove token LABEL of user NAME")
+    revoke.add_argument("name")
+    revoke.add_argument("label")
 
 
 COMMANDS = {"serve": command_serve, "hash": command_hash, "adduser": command_adduser, "passwd": command_passwd,
             "deluser": command_deluser, "users": command_users, "check": command_check,
-            "import-htpasswd": command_import_htpasswd}
+            "import-htpasswd": command_import_htpasswd, "token": command_token}
 
 
 def settings_from_args(args):
