@@ -1104,10 +1104,13 @@ def is_api_client(request):
 
 
 class PairCache:
-    """Verified Basic pairs: HMAC of the pair under a key made at start-up
-    -> (expiry, the user's line when verified). Neither the password nor
-    anything that could be attacked offline is kept. Bounded (oldest out
-    first) and time-limited; a changed line no longer matches."""
+    """Verified Basic pairs: a keyed hash of the Authorization header, under
+    a key made at start-up -> (expiry, (name, the user's line when
+    verified)). Neither the password nor anything that could be attacked
+    offline is kept. Keyed BLAKE2b is a MAC by design and costs a third of
+    an HMAC-SHA256 here, and hashing the header as it came spares a cached
+    client the decoding. Bounded (oldest out first) and time-limited; a
+    changed line no longer matches."""
 
     def __init__(self, size=10000, ttl=300):
         self.size, self.ttl = size, ttl
@@ -1115,9 +1118,8 @@ class PairCache:
         self.entries = OrderedDict()
         self.lock = threading.Lock()
 
-    def key(self, name, password):
-        name = name.encode("utf-8")
-        return hmac.digest(self.secret, b"%d:" % len(name) + name + password.encode("utf-8"), "sha256")
+    def key(self, authorization):
+        return hashlib.blake2b(authorization.encode("latin-1"), key=self.secret, digest_size=32).digest()
 
     def get(self, key, now):
         entry = self.entries.get(key)
@@ -1829,15 +1831,19 @@ class App:
         pair verified in the last few minutes, answers now; any other pair
         needs a password hash, which runs Later, on the hash pool. A wrong
         pair counts against the login rate limits."""
-        kind, name, secret = parse_authorization(request.headers["authorization"])
+        header = request.headers["authorization"]
+        key = self.pairs.key(header)
+        remembered = self.pairs.get(key, now)
+        if remembered is not None:
+            user = self.store.users.get(remembered[0])
+            if user is not None and user.line() == remembered[1]:
+                return self.identified(request, user, admin_only, "basic")
+        kind, name, secret = parse_authorization(header)
         if kind == "token":
             return self.identified(request, self.tokens.find(secret, name, self.store.users, now), admin_only, "token")
         user = self.store.users.get(name) if kind == "basic" else None
         if kind is None or has_two_factor(user):  # two-factor users use app tokens
             return self.denied(request)
-        key = self.pairs.key(name, secret)
-        if user is not None and self.pairs.get(key, now) == user.line():
-            return self.identified(request, user, admin_only, "basic")
         if self.count_attempt(request.client_ip(), name):
             log("warning", "login rate limit hit from %s user=%s (Basic)" % (request.client_ip(), quoted(name)))
             return self.denied(request)
@@ -1855,7 +1861,7 @@ class App:
             log("warning", "login failed from %s user=%s (Basic)" % (address, quoted(name)))
             return self.denied(request)
         self.refund_attempt(address, name)
-        self.pairs.put(key, user.line(), time.time())
+        self.pairs.put(key, (user.name, user.line()), time.time())
         return self.identified(request, user, admin_only, "basic")
 
     def basic_busy(self, request, name):

@@ -928,20 +928,24 @@ import authd as authd_module  # noqa: E402  (importing it must not start anythin
 
 def test_pair_cache_unit_keyed_bounded_and_time_limited():
     cache = authd_module.PairCache(size=3, ttl=300)
-    key = cache.key("alice", "s3cret-pass")
-    assert isinstance(key, bytes) and b"s3cret-pass" not in key and b"alice" not in key
-    assert key == cache.key("alice", "s3cret-pass")
-    assert key != cache.key("alice", "s3cret-pasS") and key != cache.key("alicE", "s3cret-pass")
-    assert key != authd_module.PairCache(size=3, ttl=300).key("alice", "s3cret-pass"), "a per-process random key"
-    assert cache.key("ab", "c") != cache.key("a", "bc")
+    header = "Basic " + b64(b"alice:s3cret-pass")
+    key = cache.key(header)
+    assert isinstance(key, bytes) and len(key) >= 16
+    for secret in (b"s3cret-pass", b"alice", header.encode(), header[6:].encode()):
+        assert secret not in key
+    assert key == cache.key(header)
+    assert key != cache.key("Basic " + b64(b"alice:s3cret-pasS"))
+    assert key != authd_module.PairCache(size=3, ttl=300).key(header), "a per-process random key"
     now = 1000.0
     cache.put(key, "line-1", now)
     assert cache.get(key, now + 299) == "line-1"
     assert cache.get(key, now + 301) is None, "forgotten after the time limit"
+    assert len(cache) == 0
     for i in range(10):
-        cache.put(cache.key("u%d" % i, "p"), "line", now)
-    assert len(cache) <= 3
-    assert cache.get(cache.key("u9", "p"), now) == "line", "the newest entry stays"
+        cache.put(cache.key("Basic " + b64(b"u%d:p" % i)), "line", now)
+    assert len(cache) == 3
+    assert cache.get(cache.key("Basic " + b64(b"u9:p")), now) == "line", "the newest entry stays"
+    assert cache.get(cache.key("Basic " + b64(b"u0:p")), now) is None, "the oldest went first"
     cache.clear()
     assert len(cache) == 0
 
