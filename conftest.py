@@ -298,11 +298,12 @@ class Authd:
     JOURNAL_STREAM as systemd does for StandardError=journal. LISTEN hands a
     listening socket over as fd 3 with LISTEN_FDS=1 and LISTEN_PID=authd's pid (or
     LISTEN_PID, to test a mismatch). NOTIFY sets NOTIFY_SOCKET; WRAP goes in front
-    of the command (strace). Waits until authd says where it listens.
+    of the command (strace); UMASK is set in the child. Waits until authd says where
+    it listens.
     """
 
     def __init__(self, workdir, users=None, env=None, args=("--port", "0"), command=None, secret=SECRET,
-                 script=AUTHD, listen=None, listen_pid=None, notify=None, journal=False, wrap=()):
+                 script=AUTHD, listen=None, listen_pid=None, notify=None, journal=False, wrap=(), umask=None):
         self.workdir = Path(workdir)
         self.users_file = self.workdir / "users.txt"
         self.env_file = self.workdir / ".env"
@@ -330,7 +331,8 @@ class Authd:
             environ["JOURNAL_STREAM"] = "%d:%d" % (st.st_dev, st.st_ino)
         self.environ = environ
         self.proc = subprocess.Popen(list(wrap) + cmd, stdin=subprocess.DEVNULL, stdout=w, stderr=w,
-                                     env=environ, cwd=str(self.workdir), pass_fds=() if fd is None else (fd,))
+                                     env=environ, cwd=str(self.workdir), pass_fds=() if fd is None else (fd,),
+                                     preexec_fn=None if umask is None else lambda: os.umask(umask))
         os.close(w)
         if fd is not None:
             os.close(fd)

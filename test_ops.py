@@ -20,7 +20,6 @@ import socket
 import stat
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import AUTHD, clean_environ, fast_hash, need, run_cli, tcp_sockets, wait_until, write_users
+from conftest import fast_hash, need, run_cli, tcp_sockets, wait_until, write_users
 
 HERE = Path(__file__).resolve().parent
 UNIT = HERE / "auth.service"
@@ -52,6 +51,14 @@ def sockdir():
     d = tempfile.mkdtemp(prefix="authd-", dir="/tmp")
     yield Path(d)
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def notify(sockdir):
+    """The service manager's end of sd_notify; authd gets NOTIFY_SOCKET=notify.address."""
+    n = Notify(str(sockdir / "notify"))
+    yield n
+    n.close()
 
 
 def tcp_listener(host="127.0.0.1"):
@@ -264,7 +271,7 @@ def test_systemd_analyze_verify(tmp_path):
         assert not complaints, r.stdout + r.stderr
 
 
-def test_service_unit_commands_run(tmp_path, sockdir):
+def test_service_unit_commands_run(tmp_path, authd, notify):
     """auth.service's own ExecStart=, Environment=, UMask= and ExecReload=, with its
     paths moved under tmp: authd starts as the unit starts it, makes its secret in the
     state directory, rewrites the users file in the configuration directory, reloads
@@ -276,8 +283,7 @@ def test_service_unit_commands_run(tmp_path, sockdir):
     (execstart,) = svc("ExecStart")
     argv = [move(a) for a in execstart.split()]
     assert argv[1] == "/opt/authd/authd.py"
-    argv[:2] = [sys.executable, str(AUTHD)]
-    environ = clean_environ()
+    environ = {}
     for line in svc("Environment"):
         for assignment in line.split():
             key, _, value = assignment.partition("=")
@@ -285,44 +291,31 @@ def test_service_unit_commands_run(tmp_path, sockdir):
     users = Path(argv[argv.index("--users") + 1])
     env_file = Path(argv[argv.index("--env") + 1])
     secret = Path(environ["AUTH_SECRET_FILE"])
-    for d in {users.parent, env_file.parent}:
-        d.mkdir(parents=True, exist_ok=True, mode=0o750)
+    for folder in {users.parent, env_file.parent}:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o750)
     secret.parent.mkdir(parents=True, mode=0o700)
     env_file.write_text("AUTH_PORT=0\n")  # the unit binds 127.0.0.1:3003; tests take any port
     write_users(users, ["# users", "alice:first-password:admin"], mode=0o640)
-    notify_path = str(sockdir / "notify")
-    notify = Notify(notify_path)
-    environ["NOTIFY_SOCKET"] = notify_path
-    umask = int(svc("UMask")[0], 8)
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=environ, cwd="/",
-                            preexec_fn=lambda: os.umask(umask))
-    try:
-        msgs = notify.until("READY")
-        assert msgs[-1][0] == proc.pid
-        assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
-        assert len(secret.read_text().strip()) >= 32
-        line = users_line(users, "alice")
-        assert line.split(":")[1].startswith("$scrypt$") and line.endswith(":admin"), line
-        assert users.read_text().startswith("# users\n")
-        assert stat.S_IMODE(os.stat(users).st_mode) == 0o640
-        (reload_cmd,) = svc("ExecReload")
-        reload_argv = reload_cmd.replace("$MAINPID", str(proc.pid)).split()
-        need(os.access(reload_argv[0], os.X_OK), reload_argv[0] + " is missing")
-        subprocess.run(reload_argv, check=True, timeout=10)
-        msgs = notify.until("READY")
-        assert any(f.get("RELOADING") == "1" for _, f, _ in msgs), msgs
-        proc.send_signal(signal.SIGTERM)
-        notify.until("STOPPING")
-        assert proc.wait(15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        out = proc.stdout.read().decode("utf-8", "replace")
-        proc.stdout.close()
-        notify.close()
-    assert "Traceback" not in out, out
+    d = authd(workdir="/", command=argv[2:], secret=None, env=environ, notify=notify.address,
+              umask=int(svc("UMask")[0], 8))
+    msgs = notify.until("READY")
+    assert msgs[-1][0] == d.proc.pid
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    assert len(secret.read_text().strip()) >= 32
+    line = users_line(users, "alice")
+    assert line.split(":")[1].startswith("$scrypt$") and line.endswith(":admin"), line
+    assert users.read_text().startswith("# users\n")
+    assert stat.S_IMODE(os.stat(users).st_mode) == 0o640
+    (reload_cmd,) = svc("ExecReload")
+    reload_argv = reload_cmd.replace("$MAINPID", str(d.proc.pid)).split()
+    need(os.access(reload_argv[0], os.X_OK), reload_argv[0] + " is missing")
+    subprocess.run(reload_argv, check=True, timeout=10)
+    msgs = notify.until("READY")
+    assert any(f.get("RELOADING") == "1" for _, f, _ in msgs), msgs
+    d.proc.send_signal(signal.SIGTERM)
+    notify.until("STOPPING")
+    assert d.proc.wait(15) == 0
+    assert "Traceback" not in d.log(), d.log()
 
 
 def syscall_filter_sets():
@@ -375,7 +368,7 @@ def strace_syscalls(path):
 
 
 @pytest.mark.parametrize("mode", ["systemd-socket", "auth-socket", "tcp"])
-def test_service_unit_sandbox_allows_what_authd_does(tmp_path, authd, sockdir, mode):
+def test_service_unit_sandbox_allows_what_authd_does(tmp_path, authd, sockdir, notify, mode):
     """authd's real system calls (under strace) for a day's work, checked against the
     unit: SystemCallFilter=, MemoryDenyWriteExecute=, and, socket-activated, the
     drop-in's RestrictAddressFamilies=AF_UNIX. A call these forbid would fail with
@@ -390,8 +383,6 @@ def test_service_unit_sandbox_allows_what_authd_does(tmp_path, authd, sockdir, m
     if sha512:
         users.append("bob:" + sha512)  # upgraded at login: libcrypt via ctypes + rewrite
     trace = tmp_path / "strace.txt"
-    notify_path = str(sockdir / "notify")
-    notify = Notify(notify_path)
     env = {"AUTH_BYPASS": "bypass-value-1234"}
     listener, args = None, ()
     if mode == "systemd-socket":
@@ -400,7 +391,7 @@ def test_service_unit_sandbox_allows_what_authd_does(tmp_path, authd, sockdir, m
         env["AUTH_SOCKET"] = str(sockdir / "authd.sock")
     else:
         args = ("--port", "0")
-    d = authd(users=users, listen=listener, notify=notify_path, journal=True, env=env, args=args,
+    d = authd(users=users, listen=listener, notify=notify.address, journal=True, env=env, args=args,
               wrap=[STRACE, "-f", "-qq", "-o", str(trace)])
     (pid, _, _), = notify.until("READY")[-1:]  # the traced authd itself, not strace
     req = d.request
@@ -441,12 +432,10 @@ def test_service_unit_sandbox_allows_what_authd_does(tmp_path, authd, sockdir, m
 # 2. socket activation and sd_notify
 # ---------------------------------------------------------------------------
 
-def test_socket_activation_tcp(authd, sockdir):
-    notify_path = str(sockdir / "notify")
-    notify = Notify(notify_path)
+def test_socket_activation_tcp(authd, notify):
     listener = tcp_listener()
     port = listener.getsockname()[1]
-    d = authd(users=["alice:" + fast_hash("pw1")], listen=listener, notify=notify_path, args=())
+    d = authd(users=["alice:" + fast_hash("pw1")], listen=listener, notify=notify.address, args=())
     msgs = notify.until("READY")
     # NotifyAccess=main: every message comes from the main process itself
     assert all(pid == d.proc.pid for pid, _, _ in msgs), (d.proc.pid, msgs)
@@ -535,12 +524,10 @@ def stealth_rewrite(path, text):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def test_sighup_reloads_users_file_and_env(authd, sockdir):
-    notify_path = str(sockdir / "notify")
-    notify = Notify(notify_path)
+def test_sighup_reloads_users_file_and_env(authd, notify):
     old, new = fast_hash("old-password"), fast_hash("new-password")
     assert len(old) == len(new)
-    d = authd(users=["alice:" + old], notify=notify_path)
+    d = authd(users=["alice:" + old], notify=notify.address)
     notify.until("READY")
     req = d.request
     token = d.login("alice", "old-password")
@@ -559,10 +546,8 @@ def test_sighup_reloads_users_file_and_env(authd, sockdir):
     assert d.stop() == 0, d.log()
 
 
-def test_sighup_with_broken_users_file_keeps_serving(authd, sockdir):
-    notify_path = str(sockdir / "notify")
-    notify = Notify(notify_path)
-    d = authd(users=["# users", "alice:" + fast_hash("pw1")], notify=notify_path)
+def test_sighup_with_broken_users_file_keeps_serving(authd, notify):
+    d = authd(users=["# users", "alice:" + fast_hash("pw1")], notify=notify.address)
     notify.until("READY")
     req = d.request
     token = req("POST", "/__auth/login", body={"username": "alice", "password": "pw1"}).cookie()
@@ -580,13 +565,11 @@ def test_sighup_with_broken_users_file_keeps_serving(authd, sockdir):
     assert d.stop() == 0, d.log()
 
 
-def test_sigterm_drains_requests_in_flight(authd, sockdir):
+def test_sigterm_drains_requests_in_flight(authd, notify):
     """Slow (production-cost) logins are in flight when SIGTERM arrives: each one gets its
     answer, new connections are refused at once, and authd exits 0."""
-    notify_path = str(sockdir / "notify")
-    notify = Notify(notify_path)
     n = 3  # two hash at once (HASH_SLOTS), one waits for a slot
-    d = authd(users=["alice:" + default_cost_hash("slow-pw")], notify=notify_path, env={"AUTH_LOGIN_RATE": "100/60"})
+    d = authd(users=["alice:" + default_cost_hash("slow-pw")], notify=notify.address, env={"AUTH_LOGIN_RATE": "100/60"})
     notify.until("READY")
     port = d.port
     conns = []
@@ -676,7 +659,7 @@ def test_auth_socket_replaces_stale_socket_file(authd, sockdir):
 # 4. logs: journald levels, no secrets, fail2ban
 # ---------------------------------------------------------------------------
 
-def test_journal_stream_level_prefixes(authd, sockdir):
+def test_journal_stream_level_prefixes(authd):
     d = authd(users=["alice:" + fast_hash("pw1")], journal=True)
     req = d.request
     assert req("POST", "/__auth/login", body={"username": "alice", "password": "pw1"}).status == 200
@@ -699,7 +682,7 @@ def test_journal_stream_level_prefixes(authd, sockdir):
     assert broken and all(int(l[1]) <= 4 for l in broken), lines  # an error or warning
 
 
-def test_logs_never_carry_secrets(authd, sockdir, tmp_path):
+def test_logs_never_carry_secrets(authd, tmp_path):
     """No secret, password or full token in the log: logins good and bad, bypass, cookies
     valid and forged, logout. The secret is the generated one in AUTH_SECRET_FILE."""
     secret_file = tmp_path / "state" / "secret"
