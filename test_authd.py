@@ -280,18 +280,12 @@ def test_environment_beats_dotenv_beats_default(tmp_path, authd):
     assert attrs.get("samesite", "").lower() == "strict"      # .env beats default Lax
 
 
-def test_short_secret_is_refused_with_a_hint(tmp_path):
-    rc, out = start_fails(tmp_path, ["alice:" + fast_hash("pw")],
-                          env={"AUTH_TOKEN_SECRET": "too-short-secret"})
+@pytest.mark.parametrize("secrets", ["too-short-secret", SECRET + ",short"])
+def test_short_secret_is_refused_with_a_hint(tmp_path, secrets):
+    rc, out = start_fails(tmp_path, ["alice:" + fast_hash("pw")], env={"AUTH_TOKEN_SECRET": secrets})
     assert "32" in out, out
     assert re.search(r"openssl|secrets|token_urlsafe|token_hex|urandom|generate", out, re.I), out
     assert len([l for l in out.splitlines() if l.strip()]) <= 3, "not a short error:\n" + out
-
-
-def test_short_second_secret_is_refused_too(tmp_path):
-    rc, out = start_fails(tmp_path, ["alice:" + fast_hash("pw")],
-                          env={"AUTH_TOKEN_SECRET": SECRET + ",short"})
-    assert "32" in out, out
 
 
 def test_secret_file_created_0600_and_reused(tmp_path, authd):
@@ -580,11 +574,6 @@ def test_login_page_target_from_x_original_uri(srv):
 def test_login_page_prefers_rd_over_x_original_uri(srv):
     r = srv.request("GET", P + "/login?rd=/from-query", headers={"X-Original-URI": "/from-header"})
     assert 'value="/from-query"' in r.body.decode()
-
-
-def test_login_page_shows_x_original_host(srv):
-    r = srv.request("GET", P + "/login", headers={"X-Original-Host": "wiki.example.org"})
-    assert "wiki.example.org" in r.body.decode()
 
 
 def test_logged_in_user_is_sent_to_target(srv, tokens):
@@ -1094,7 +1083,8 @@ def test_plaintext_password_is_hashed_at_start(tmp_path, authd):
     leftovers = {n for n in leftovers if not n.endswith(".lock")}     # a lock file may stay
     assert not leftovers, "temporary files left behind: %s" % leftovers
     alice_hash = after_lines[4].split(":")[1]
-    assert passlib_scrypt.verify("plain-secret", alice_hash)
+    assert passlib_scrypt.identify(alice_hash) and passlib_scrypt.verify("plain-secret", alice_hash)
+    assert not passlib_scrypt.verify("plain-secreT", alice_hash)
     tok = d.login("alice", "plain-secret")
     r = d.auth(tok, P + "/admin")
     assert r.status == 200
@@ -1118,6 +1108,8 @@ def test_plaintext_password_is_hashed_at_start(tmp_path, authd):
     "nohash:",
     "alice:$zz$unknownformat",
     "alice:$scrypt$garbage",
+    "alice:$scrypt$ln=99,r=8,p=1$AAAA$" + "A" * 43,
+    "alice:{SHA}notbase64!",
 ])
 def test_malformed_users_line_refuses_start(tmp_path, bad_line):
     line = bad_line.replace("{hash}", fast_hash("pw"))
@@ -1228,6 +1220,7 @@ def test_adduser_new_user_picked_up_by_running_server(tmp_path, authd):
     (["adduser", "bad name"], []),
     (["adduser", "a:b"], []),
     (["adduser", "x" * 65], []),
+    *[(["adduser", name], []) for name in ("a\nb", "a\rb", "a\u2028b", "a\x85b", "a,b", "", "#x")],
     (["passwd", "ghost"], ["ghost"]),
     (["deluser", "ghost"], ["ghost"]),
     (["adduser"], []),
@@ -1338,15 +1331,6 @@ def test_shared_server_logged_no_traceback(srv):
 def test_pyjwt_minted_token_is_accepted(srv, tokens):
     c = claims_of(tokens["carol"])
     assert srv.auth(jwt.encode(c, SECRET, algorithm="HS256")).headers.get("x-auth-user") == "carol"
-
-
-def test_authd_hash_verifies_in_libpass(tmp_path, authd):
-    d = authd(users=["alice:fresh-plain-pw"])        # authd hashes it at load
-    h = d.users_file.read_text().strip().split(":")[1]
-    assert SCRYPT_RE.match(h), h
-    assert passlib_scrypt.verify("fresh-plain-pw", h)
-    assert not passlib_scrypt.verify("fresh-plain-pX", h)
-    assert passlib_scrypt.identify(h)
 
 
 # stdlib module names on Pythons without sys.stdlib_module_names (3.9)
@@ -1489,14 +1473,6 @@ def test_users_line_gives_name_groups_and_admin(line, name, groups):
 @pytest.mark.parametrize("line", ["", "  ", "# comment", "  # indented"])
 def test_users_file_comments_and_blank_lines_are_not_users(line):
     assert authd.parse_user_line(line) is None
-
-
-@pytest.mark.parametrize("line", ["x", ":{h}", "a b:{h}", "a,b:{h}", "x" * 65 + ":{h}",
-                                  "a:{h}:g:extra", "a:", "a:$zz$x", "a:$scrypt$ln=99,r=8,p=1$AAAA$"
-                                  + "A" * 43, "a:{SHA}notbase64!"])
-def test_malformed_users_lines_are_errors(line):
-    with pytest.raises(ValueError):
-        authd.parse_user_line(line.replace("{h}", fast_hash("pw")))
 
 
 def test_plaintext_password_is_told_from_a_hash():

@@ -363,6 +363,17 @@ def login_in_browser(page, name, password):
     page.get_by_role("button", name="Sign in").click()
 
 
+def signed_in_page(new_context, site, path, name):
+    """A fresh browser that asked for PATH, signed in as NAME on the login page it got
+    instead, and is back at PATH: (context, page)."""
+    ctx = new_context()
+    page = ctx.new_page()
+    page.goto(site.url + path)
+    login_in_browser(page, name, PASSWORDS[name])
+    page.wait_for_url(site.url + path)
+    return ctx, page
+
+
 def decode(token):
     import jwt
     return jwt.decode(token, SECRET, algorithms=["HS256"])
@@ -449,11 +460,7 @@ def test_plain_http_is_redirected_to_https(site):
 # ---------------------------------------------------------------------------
 
 def test_cookie_is_httponly_and_secure_in_the_browser(site, new_context):
-    ctx = new_context()
-    page = ctx.new_page()
-    page.goto(site.url + "/some/page")
-    login_in_browser(page, "bob", PASSWORDS["bob"])
-    page.wait_for_url(site.url + "/some/page")
+    ctx, page = signed_in_page(new_context, site, "/some/page", "bob")
     cookie = auth_cookie(ctx)
     assert cookie is not None
     assert cookie["httpOnly"] is True and cookie["secure"] is True
@@ -467,8 +474,7 @@ def aged(token, seconds=120):
     claims = decode(token)  # as if the login and the token were SECONDS older
     for claim in ("iat", "exp", "auth_time"):
         claims[claim] -= seconds
-    old = jwt.encode(claims, SECRET, algorithm="HS256")
-    return old if isinstance(old, str) else old.decode()
+    return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
 def test_fresh_token_is_not_reissued_through_nginx(site):
@@ -554,18 +560,10 @@ def test_admin_location(site):
 
 
 def test_admin_location_in_browser(site, new_context):
-    ctx = new_context()
-    page = ctx.new_page()
-    page.goto(site.url + "/admin/panel")
-    login_in_browser(page, "carol", PASSWORDS["carol"])
-    page.wait_for_url(site.url + "/admin/panel")
+    _, page = signed_in_page(new_context, site, "/admin/panel", "carol")
     assert "403" in page.content()
     assert "App page" not in page.content()
-    ctx2 = new_context()
-    page2 = ctx2.new_page()
-    page2.goto(site.url + "/admin/panel")
-    login_in_browser(page2, "alice", PASSWORDS["alice"])
-    page2.wait_for_url(site.url + "/admin/panel")
+    _, page2 = signed_in_page(new_context, site, "/admin/panel", "alice")
     assert page2.locator("h1").inner_text() == "App page /admin/panel"
 
 
@@ -595,11 +593,7 @@ def test_subrequest_endpoints_are_internal_and_pages_are_public(site):
 # ---------------------------------------------------------------------------
 
 def test_logout_in_browser_then_login_is_asked_again(site, new_context):
-    ctx = new_context()
-    page = ctx.new_page()
-    page.goto(site.url + "/some/page")
-    login_in_browser(page, "bob", PASSWORDS["bob"])
-    page.wait_for_url(site.url + "/some/page")
+    ctx, page = signed_in_page(new_context, site, "/some/page", "bob")
     page.goto(site.url + "/__auth/")
     assert "bob" in page.locator("main").inner_text()
     page.get_by_role("button", name="Sign out").click()
