@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -54,6 +55,31 @@ def clean_environ(extra=None):
                if not k.startswith(("AUTH_", "LISTEN_", "NOTIFY_", "JOURNAL_"))}
     environ.update(extra or {})
     return environ
+
+
+def proc_status(pid, field):
+    """A number from /proc/PID/status: VmRSS or VmHWM (KiB), Threads, ..."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError("no %s in /proc/%d/status" % (field, pid))
+
+
+@pytest.fixture
+def open_files():
+    """open_files(N): let this process open N files (as far as the hard limit
+    allows); returns the limit now in force. The old limit is back after the test."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def raise_to(wanted):
+        if soft < wanted:
+            new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+    yield raise_to
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def tcp_sockets():
@@ -196,8 +222,8 @@ FIELD_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 class Raw:
     """Raw HTTP over a socket: nothing between the test and authd's parser."""
 
-    def __init__(self, port, timeout=10, host="127.0.0.1"):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port, timeout=10):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.buf = b""
         self.eof = False
 
@@ -220,7 +246,7 @@ class Raw:
         self.buf += chunk
         return True
 
-    def response(self, head_only=False):
+    def response(self):
         """The next response, or None when the server closed the connection
         before sending one. Every header line must be a well-formed field."""
         while b"\r\n\r\n" not in self.buf:
@@ -240,11 +266,10 @@ class Raw:
             headers.append((name, value.strip()))
         r = Response(int(m.group(1)), headers, b"")
         r.head = head
-        if not head_only:
-            n = int(r.headers.get("content-length", "0"))
-            while len(self.buf) < n:
-                assert self._fill(), "truncated body"
-            r.body, self.buf = self.buf[:n], self.buf[n:]
+        n = int(r.headers.get("content-length", "0"))
+        while len(self.buf) < n:
+            assert self._fill(), "truncated body"
+        r.body, self.buf = self.buf[:n], self.buf[n:]
         return r
 
     def closed_by_server(self, timeout=5):
@@ -263,12 +288,12 @@ class Raw:
         self.sock.close()
 
 
-def raw_request(port, data, head_only=False, host="127.0.0.1"):
+def raw_request(port, data):
     """Send DATA on a new connection; the first response (None if there was none)."""
-    c = Raw(port, host=host)
+    c = Raw(port)
     try:
         c.send(data)
-        return c.response(head_only)
+        return c.response()
     finally:
         c.close()
 

@@ -104,19 +104,14 @@ def _cli(tmp_path, *args, input=None, env=None):
     return run_cli(*args, input=input, env=environ, cwd=str(tmp_path))
 
 
-def start_fails(tmp_path, users_lines=None, env=None, extra=(), users_file=None, port_flag=True):
+def start_fails(tmp_path, users_lines, env=None, port_flag=True):
     """Start `authd.py serve` expecting it to refuse; returns (rc, combined output)."""
-    users_file = Path(users_file or tmp_path / "users.txt")
-    if users_lines is not None:
-        write_users(users_file, users_lines)
+    write_users(tmp_path / "users.txt", users_lines)
     env_file = tmp_path / ".env"
     if not env_file.exists():
         env_file.write_text("")
-    environ = {"AUTH_TOKEN_SECRET": SECRET}
-    environ.update(env or {})
     port = ["--port", "0"] if port_flag else []
-    cp = run_cli("serve", "--users", users_file, "--env", env_file, *(port + list(extra)),
-                 env=environ, cwd=str(tmp_path), timeout=20)
+    cp = _cli(tmp_path, "serve", "--users", tmp_path / "users.txt", "--env", env_file, *port, env=env)
     out = cp.stdout + cp.stderr
     assert cp.returncode != 0, "authd started although it should have refused:\n" + out
     assert "listening on" not in out, out
@@ -565,13 +560,10 @@ def test_login_page_is_a_scriptless_form_keeping_the_return_target(srv):
     assert "<script" not in body.lower()
 
 
-def test_login_page_target_from_x_original_uri(srv):
+def test_login_page_target_is_rd_else_x_original_uri(srv):
     r = srv.request("GET", P + "/login", headers={"X-Original-URI": "/reports/q3?full=1"})
     assert r.status == 200
     assert 'value="/reports/q3?full=1"' in r.body.decode()
-
-
-def test_login_page_prefers_rd_over_x_original_uri(srv):
     r = srv.request("GET", P + "/login?rd=/from-query", headers={"X-Original-URI": "/from-header"})
     assert 'value="/from-query"' in r.body.decode()
 
@@ -928,8 +920,6 @@ def test_html_escaping_of_user_name(srv, tokens):
 
 def test_cookie_is_a_standard_hs256_jwt(srv, tokens):
     tok = tokens["alice"]
-    header = json.loads(b64u_decode(tok.split(".")[0]))
-    assert header == {"alg": "HS256", "typ": "JWT"}
     assert b64u_decode(tok.split(".")[0]) == b'{"alg":"HS256","typ":"JWT"}'
     c = jwt.decode(tok, SECRET, algorithms=["HS256"])
     now = time.time()

@@ -17,7 +17,6 @@ import os
 import posixpath
 import random
 import re
-import resource
 import select
 import socket
 import subprocess
@@ -34,7 +33,8 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import authd as A
 from conftest import (AUTHD, HERE, HS256_HEADER, SECRET, Authd, Raw, Response, b64u, b64u_decode, clean_environ,
-                      compact, cookie_attrs, fast_hash, forge_jwt, need, raw_request, wait_until, write_users)
+                      compact, cookie_attrs, fast_hash, forge_jwt, need, proc_status, raw_request, wait_until,
+                      write_users)
 
 PREFIX = "/__auth"
 ALICE_PW, BOB_PW = "alice-pw-Ö1", "bob-pw-2"
@@ -49,11 +49,11 @@ def no_internal_errors(server):
     assert "internal error" not in log and "connection error" not in log and "Traceback" not in log, log[-3000:]
 
 
-def raw_get(port, path, cookie=None, extra=b""):
+def raw_get(port, path, cookie=None):
     data = b"GET " + path.encode() + b" HTTP/1.1\r\nHost: example.test\r\n"
     if cookie is not None:
         data += b"Cookie: authToken=" + cookie.encode("utf-8") + b"\r\n"
-    return raw_request(port, data + extra + b"Connection: close\r\n\r\n")
+    return raw_request(port, data + b"Connection: close\r\n\r\n")
 
 
 def json_login(server, name, password, headers=None):
@@ -67,14 +67,6 @@ def form_login(server, name, password, rd=None, headers=None):
     h = {"Content-Type": "application/x-www-form-urlencoded"}
     h.update(headers or {})
     return server.request("POST", PREFIX + "/login", headers=h, body=urllib.parse.urlencode(fields).encode())
-
-
-def proc_status(pid, field):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError("no %s in /proc/%d/status" % (field, pid))
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +312,6 @@ def test_token_controls_are_accepted(srv, tokens):
     assert srv.auth(tokens.valid).status == 200
     assert srv.auth(tokens.signed()).status == 200
     assert srv.auth(tokens.signed(extra={"deep": [1, 2]})).status == 200
-    assert srv.auth(forge_jwt(HS256_HEADER, tokens.claims)).status == 200
     assert srv.auth(token_of_length(tokens, 4096)).status == 200
     assert srv.auth(tokens.valid, path=PREFIX + "/admin").status == 200
 
@@ -844,16 +835,9 @@ def test_unknown_and_known_user_names_take_the_same_path(tmp_path, monkeypatch):
 # 4. Resource exhaustion
 # ===========================================================================
 
-@pytest.fixture(scope="module")
-def many_fds():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 4096
-    if soft < want:
-        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-    need(resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 2500, "needs 2500 file descriptors (ulimit -n)")
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+@pytest.fixture
+def many_fds(open_files):
+    need(open_files(4096) >= 2500, "needs 2500 file descriptors (ulimit -n)")
 
 
 def test_slow_loris_is_dropped_and_does_not_block_others(authd, many_fds):
