@@ -2,7 +2,7 @@
 
 Layout follows the SPEC: settings, HTTP interface, token, users file, command line,
 robustness; then interoperability (PyJWT, libpass), the standard-library-only check and
-unit tests of authd's pure functions. Most tests share one server (``srv``); tests that
+tests of authd's pure functions. Most tests share one server (``srv``); tests that
 change users, settings or rate-limit state start their own (the ``authd`` fixture).
 No timing assertions: where authd needs a moment (the users file is re-read by mtime at
 most about once a second) the tests poll with a bounded loop.
@@ -10,13 +10,10 @@ most about once a second) the tests poll with a bounded loop.
 import ast
 import base64
 import hashlib
-import hmac
-import http.client
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -27,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import AUTHD, SECRET, Authd, fast_hash, need, run_cli, write_users
+from conftest import (AUTHD, SECRET, Authd, b64u_decode, cookie_attrs, fast_hash, free_port, need,
+                      raw_request, run_cli, wait_until, write_users)
 
 import jwt  # noqa: E402  (test-only dependency)
 from passlib.hash import scrypt as passlib_scrypt  # noqa: E402  (test-only dependency)
@@ -56,32 +54,6 @@ def shared_users():
 
 # --------------------------------------------------------------------------- helpers
 
-def b64u(data):
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def b64u_decode(text):
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def compact(obj):
-    return json.dumps(obj, separators=(",", ":"))
-
-
-def forge(claims, header=None, key=SECRET, alg="HS256", raw_header=None, raw_payload=None,
-          sig=None):
-    """A JWT built by hand so that exactly one thing about it is wrong."""
-    if header is None:
-        header = {"alg": "HS256", "typ": "JWT"}
-    h = raw_header if raw_header is not None else b64u(compact(header).encode())
-    p = raw_payload if raw_payload is not None else b64u(compact(claims).encode())
-    if sig is None:
-        digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384,
-                  "HS512": hashlib.sha512}[alg]
-        sig = b64u(hmac.new(key.encode(), (h + "." + p).encode(), digest).digest())
-    return h + "." + p + "." + sig
-
-
 def claims_of(token, secret=SECRET):
     return jwt.decode(token, secret, algorithms=["HS256"])
 
@@ -93,27 +65,6 @@ def remint(token, secret=SECRET, drop=(), **changes):
     for k in drop:
         claims.pop(k, None)
     return jwt.encode(claims, secret, algorithm="HS256")
-
-
-def wait_until(pred, timeout=8.0, interval=0.05):
-    """Bounded poll: returns pred's last value (truthy on success)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
-
-
-def cookie_attrs(set_cookie):
-    """'n=v; Path=/; HttpOnly' -> ('n', 'v', {'path': '/', 'httponly': True})"""
-    parts = [p.strip() for p in set_cookie.split(";")]
-    name, _, value = parts[0].partition("=")
-    attrs = {}
-    for part in parts[1:]:
-        k, eq, v = part.partition("=")
-        attrs[k.strip().lower()] = v.strip() if eq else True
-    return name, value, attrs
 
 
 def auth_cookie_header(resp, name="authToken"):
@@ -137,42 +88,6 @@ def is_clearing(set_cookie):
     return False
 
 
-def raw_http(port, data, host="127.0.0.1", timeout=10):
-    """Send raw bytes, return everything the server sends until it closes (or timeout)."""
-    s = socket.create_connection((host, port), timeout=timeout)
-    try:
-        try:
-            s.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        chunks = []
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except (socket.timeout, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-            if b"\r\n\r\n" in b"".join(chunks) and _complete(b"".join(chunks)):
-                break
-        return b"".join(chunks)
-    finally:
-        s.close()
-
-
-def _complete(buf):
-    head, _, body = buf.partition(b"\r\n\r\n")
-    m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-    return m is None or len(body) >= int(m.group(1))
-
-
-def raw_status(buf):
-    m = re.match(rb"HTTP/1\.[01] (\d{3})", buf)
-    assert m, "no status line in %r" % buf[:200]
-    return int(m.group(1))
-
-
 def line_ref(path, n):
     """Regex: an error that names the file and line n ('users.txt:3', 'users.txt, line 3')."""
     return re.escape(Path(path).name) + r"\D{0,12}\b%d\b" % n
@@ -182,19 +97,21 @@ def assert_no_traceback(text):
     assert "Traceback" not in text, text
 
 
-def start_fails(tmp_path, users_lines=None, env=None, extra=(), users_file=None, port_flag=True):
+def _cli(tmp_path, *args, input=None, env=None):
+    """`authd.py ARGS` on tmp_path's users file."""
+    environ = {"AUTH_USERS_FILE": str(tmp_path / "users.txt"), "AUTH_TOKEN_SECRET": SECRET}
+    environ.update(env or {})
+    return run_cli(*args, input=input, env=environ, cwd=str(tmp_path))
+
+
+def start_fails(tmp_path, users_lines, env=None, port_flag=True):
     """Start `authd.py serve` expecting it to refuse; returns (rc, combined output)."""
-    users_file = Path(users_file or tmp_path / "users.txt")
-    if users_lines is not None:
-        write_users(users_file, users_lines)
+    write_users(tmp_path / "users.txt", users_lines)
     env_file = tmp_path / ".env"
     if not env_file.exists():
         env_file.write_text("")
-    environ = {"AUTH_TOKEN_SECRET": SECRET}
-    environ.update(env or {})
     port = ["--port", "0"] if port_flag else []
-    cp = run_cli("serve", "--users", users_file, "--env", env_file, *(port + list(extra)),
-                 env=environ, cwd=str(tmp_path), timeout=20)
+    cp = _cli(tmp_path, "serve", "--users", tmp_path / "users.txt", "--env", env_file, *port, env=env)
     out = cp.stdout + cp.stderr
     assert cp.returncode != 0, "authd started although it should have refused:\n" + out
     assert "listening on" not in out, out
@@ -202,58 +119,6 @@ def start_fails(tmp_path, users_lines=None, env=None, extra=(), users_file=None,
     lines = [l for l in out.splitlines() if l.strip()]
     assert 1 <= len(lines) <= 3, "expected a short error, one line per problem:\n" + out
     return cp.returncode, out
-
-
-class RawAuthd(Authd):
-    """authd.py with a command line of the test's choosing (no forced --port 0)."""
-
-    def __init__(self, workdir, args, env=None, secret=SECRET, script=AUTHD):
-        import threading
-        self.workdir = Path(workdir)
-        self.users_file = self.workdir / "users.txt"
-        self.secret = secret
-        environ = {k: v for k, v in os.environ.items()
-                   if not k.startswith(("AUTH_", "LISTEN_", "NOTIFY_", "JOURNAL_"))}
-        environ["PYTHONUNBUFFERED"] = "1"
-        if secret is not None:
-            environ["AUTH_TOKEN_SECRET"] = secret
-        environ.update(env or {})
-        self.environ = environ
-        self.proc = subprocess.Popen([sys.executable, str(script)] + [str(a) for a in args],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, env=environ,
-                                     cwd=str(self.workdir))
-        self._lines = []
-        self._ready = threading.Event()
-        self.port = None
-        self.url = None
-        threading.Thread(target=self._drain, daemon=True).start()
-        self.wait_ready()
-
-    def connect(self, timeout=10):
-        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-
-
-@pytest.fixture
-def raw_authd():
-    started = []
-
-    def start(workdir, args, **kw):
-        d = RawAuthd(workdir, args, **kw)
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        d.stop()
-
-
-def free_port(host="127.0.0.1"):
-    s = socket.socket()
-    s.bind((host, 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 # --------------------------------------------------------------------------- shared server
@@ -271,15 +136,9 @@ def tokens(srv):
     return {name: srv.login(name, pw) for name, pw in PW.items()}
 
 
-def healthy(d):
-    r = d.request("GET", P + "/healthz")
-    assert r.status == 200 and r.body.strip() == b"ok", r
-    return True
-
-
 # =========================================================================== settings
 
-def test_default_start_needs_no_setup(tmp_path):
+def test_default_start_needs_no_setup(tmp_path, authd):
     """`python3 authd.py` alone: 127.0.0.1:3003, secret file created 0600, hint to add a user."""
     probe = socket.socket()
     try:
@@ -292,58 +151,49 @@ def test_default_start_needs_no_setup(tmp_path):
     need(free, "port 3003 is busy on this machine")
     script = tmp_path / "authd.py"
     shutil.copy(str(AUTHD), str(script))
-    d = RawAuthd(tmp_path, [], secret=None, script=script)
-    try:
-        assert (d.host, d.port) == ("127.0.0.1", 3003), d.log()
-        healthy(d)
-        secret_file = tmp_path / ".authd_secret"
-        assert secret_file.exists(), d.log()
-        assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
-        assert re.search(r"adduser", d.log()), "no hint on how to add a user:\n" + d.log()
-        assert_no_traceback(d.log())
-    finally:
-        d.stop()
+    d = authd(command=[], secret=None, script=script)
+    assert (d.host, d.port) == ("127.0.0.1", 3003), d.log()
+    d.healthy()
+    secret_file = tmp_path / ".authd_secret"
+    assert secret_file.exists(), d.log()
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    assert re.search(r"adduser", d.log()), "no hint on how to add a user:\n" + d.log()
+    assert_no_traceback(d.log())
 
 
-def test_auth_host_env_and_host_flag(tmp_path, raw_authd):
-    write_users(tmp_path / "users.txt", ["alice:" + fast_hash("pw")])
-    (tmp_path / ".env").write_text("")
-    d = raw_authd(tmp_path, ["--users", tmp_path / "users.txt", "--env", tmp_path / ".env",
-                             "--port", "0"], env={"AUTH_HOST": "127.0.0.2"})
+def test_auth_host_env_and_host_flag(authd):
+    d = authd(users=["alice:" + fast_hash("pw")], env={"AUTH_HOST": "127.0.0.2"})
     assert d.host == "127.0.0.2", d.log()
-    healthy(d)
+    d.healthy()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", d.port), timeout=2).close()
     d.stop()
     # the flag wins over the environment
-    d = raw_authd(tmp_path, ["--users", tmp_path / "users.txt", "--env", tmp_path / ".env",
-                             "--port", "0", "--host", "127.0.0.1"], env={"AUTH_HOST": "127.0.0.2"})
+    d = authd(args=["--port", "0", "--host", "127.0.0.1"], env={"AUTH_HOST": "127.0.0.2"})
     assert d.host == "127.0.0.1", d.log()
-    healthy(d)
+    d.healthy()
 
 
-def test_auth_port_precedence_flag_env_dotenv(tmp_path, raw_authd):
+def test_auth_port_precedence_flag_env_dotenv(tmp_path, authd):
     write_users(tmp_path / "users.txt", ["alice:" + fast_hash("pw")])
     p_dotenv, p_env = free_port(), free_port()
     while p_env == p_dotenv:
         p_env = free_port()
-    env_file = tmp_path / ".env"
-    env_file.write_text("AUTH_PORT=%d\n" % p_dotenv)
-    base = ["--users", tmp_path / "users.txt", "--env", env_file]
-    d = raw_authd(tmp_path, base)
+    (tmp_path / ".env").write_text("AUTH_PORT=%d\n" % p_dotenv)
+    d = authd(args=())
     assert d.port == p_dotenv, d.log()            # .env beats the default
-    healthy(d)
+    d.healthy()
     d.stop()
-    d = raw_authd(tmp_path, base, env={"AUTH_PORT": str(p_env)})
+    d = authd(args=(), env={"AUTH_PORT": str(p_env)})
     assert d.port == p_env, d.log()               # environment beats .env
-    healthy(d)
+    d.healthy()
     d.stop()
-    d = raw_authd(tmp_path, base + ["--port", "0"], env={"AUTH_PORT": str(p_env)})
+    d = authd(env={"AUTH_PORT": str(p_env)})
     assert d.port not in (p_env, p_dotenv), d.log()   # flag beats environment
-    healthy(d)
+    d.healthy()
 
 
-def test_users_file_precedence_flag_env_dotenv(tmp_path, raw_authd):
+def test_users_file_precedence_flag_env_dotenv(tmp_path, authd):
     files = {}
     for who in ("flag", "env", "dotenv"):
         files[who] = write_users(tmp_path / ("users-%s.txt" % who), [who + ":" + fast_hash("pw")])
@@ -355,15 +205,14 @@ def test_users_file_precedence_flag_env_dotenv(tmp_path, raw_authd):
                 if d.request("POST", P + "/login",
                              body={"username": n, "password": "pw"}).status == 200]
 
-    d = raw_authd(tmp_path, ["--env", env_file, "--port", "0"])
+    d = authd(command=["--env", env_file, "--port", "0"])
     assert who_logs_in(d) == ["dotenv"]
     d.stop()
-    d = raw_authd(tmp_path, ["--env", env_file, "--port", "0"],
-                  env={"AUTH_USERS_FILE": str(files["env"])})
+    d = authd(command=["--env", env_file, "--port", "0"], env={"AUTH_USERS_FILE": str(files["env"])})
     assert who_logs_in(d) == ["env"]
     d.stop()
-    d = raw_authd(tmp_path, ["--env", env_file, "--port", "0", "--users", files["flag"]],
-                  env={"AUTH_USERS_FILE": str(files["env"])})
+    d = authd(command=["--env", env_file, "--port", "0", "--users", files["flag"]],
+              env={"AUTH_USERS_FILE": str(files["env"])})
     assert who_logs_in(d) == ["flag"]
 
 
@@ -426,18 +275,12 @@ def test_environment_beats_dotenv_beats_default(tmp_path, authd):
     assert attrs.get("samesite", "").lower() == "strict"      # .env beats default Lax
 
 
-def test_short_secret_is_refused_with_a_hint(tmp_path):
-    rc, out = start_fails(tmp_path, ["alice:" + fast_hash("pw")],
-                          env={"AUTH_TOKEN_SECRET": "too-short-secret"})
+@pytest.mark.parametrize("secrets", ["too-short-secret", SECRET + ",short"])
+def test_short_secret_is_refused_with_a_hint(tmp_path, secrets):
+    rc, out = start_fails(tmp_path, ["alice:" + fast_hash("pw")], env={"AUTH_TOKEN_SECRET": secrets})
     assert "32" in out, out
     assert re.search(r"openssl|secrets|token_urlsafe|token_hex|urandom|generate", out, re.I), out
     assert len([l for l in out.splitlines() if l.strip()]) <= 3, "not a short error:\n" + out
-
-
-def test_short_second_secret_is_refused_too(tmp_path):
-    rc, out = start_fails(tmp_path, ["alice:" + fast_hash("pw")],
-                          env={"AUTH_TOKEN_SECRET": SECRET + ",short"})
-    assert "32" in out, out
 
 
 def test_secret_file_created_0600_and_reused(tmp_path, authd):
@@ -482,7 +325,7 @@ def test_key_rotation_first_signs_all_verify(tmp_path, authd, sep):
     assert d.auth(jwt.encode(claims_of(new_token), third, algorithm="HS256")).status == 401
 
 
-def test_bypass_header(tmp_path, authd):
+def test_bypass_header_equal_to_the_setting_is_let_through_without_identity(tmp_path, authd):
     d = authd(users=["alice:" + fast_hash("pw")], env={"AUTH_BYPASS": "let-me-in-0123"})
     r = d.request("GET", P + "/auth", headers={"X-Auth-Bypass": "let-me-in-0123"})
     assert r.status == 200 and r.body == b""
@@ -572,32 +415,6 @@ def test_prefix_setting(tmp_path, authd):
     assert r.status == 303 and r.headers["location"].startswith("/sso/login"), r
 
 
-def test_login_rate_per_address(tmp_path, authd):
-    d = authd(users=["alice:" + fast_hash("pw"), "bob:" + fast_hash("pw")],
-              env={"AUTH_LOGIN_RATE": "3/900"})
-    ip = {"X-Real-IP": "10.0.0.1"}
-    for _ in range(3):
-        r = d.request("POST", P + "/login", headers=ip, body={"username": "alice", "password": "x"})
-        assert r.status == 401, r
-    r = d.request("POST", P + "/login", headers=ip, body={"username": "alice", "password": "pw"})
-    assert r.status == 429, r
-    assert int(r.headers["retry-after"]) > 0
-    assert r.headers.get("cache-control") == "no-store"
-    assert r.cookie() is None
-    # form posts are limited too
-    r = d.request("POST", P + "/login", headers=dict(ip, **FORM),
-                  body=b"username=bob&password=pw&rd=%2F")
-    assert r.status == 429 and "retry-after" in r.headers
-    # other addresses are not
-    r = d.request("POST", P + "/login", headers={"X-Real-IP": "10.0.0.2"},
-                  body={"username": "alice", "password": "pw"})
-    assert r.status == 200, r
-    r = d.request("POST", P + "/login", headers={"X-Original-Remote-Addr": "10.0.0.3"},
-                  body={"username": "alice", "password": "pw"})
-    assert r.status == 200, r
-    healthy(d)
-
-
 def test_login_rate_success_refunds(tmp_path, authd):
     d = authd(users=["bob:" + fast_hash("pw")], env={"AUTH_LOGIN_RATE": "3/900"})
     ip = {"X-Real-IP": "10.1.0.1"}
@@ -610,21 +427,6 @@ def test_login_rate_success_refunds(tmp_path, authd):
         [401, 401, 200, 401, 429]
 
 
-def test_login_rate_per_user_name(tmp_path, authd):
-    d = authd(users=["alice:" + fast_hash("pw"), "bob:" + fast_hash("pw")],
-              env={"AUTH_LOGIN_RATE": "3/900"})
-    for i in range(12):                    # 4 x 3 attempts for one name, from many addresses
-        r = d.request("POST", P + "/login", headers={"X-Real-IP": "10.2.0.%d" % i},
-                      body={"username": "alice", "password": "x"})
-        assert r.status == 401, (i, r)
-    r = d.request("POST", P + "/login", headers={"X-Real-IP": "10.2.1.1"},
-                  body={"username": "alice", "password": "pw"})
-    assert r.status == 429 and "retry-after" in r.headers, r
-    r = d.request("POST", P + "/login", headers={"X-Real-IP": "10.2.1.2"},
-                  body={"username": "bob", "password": "pw"})
-    assert r.status == 200, r
-
-
 def test_failed_login_log_line_for_fail2ban(tmp_path, authd):
     d = authd(users=["alice:" + fast_hash("pw")])
     d.request("POST", P + "/login", headers={"X-Real-IP": "192.0.2.7"},
@@ -635,7 +437,7 @@ def test_failed_login_log_line_for_fail2ban(tmp_path, authd):
               body={"username": 'ev"il\nlogin failed from 6.6.6.6 user="x', "password": "w"})
     d.wait_log(r'login failed from 192\.0\.2\.8 user="ev\\"il\\n')
     assert not re.search(r"(?m)^(<\d>)?(authd: )?login failed from 6\.6\.6\.6", d.log()), d.log()
-    healthy(d)
+    d.healthy()
 
 
 # =========================================================================== HTTP: P/auth
@@ -687,7 +489,7 @@ def test_auth_cookie_among_others(srv, tokens):
     assert r.status == 200 and r.headers["x-auth-user"] == "alice"
 
 
-def test_admin_endpoint(srv, tokens):
+def test_admin_is_200_for_admins_403_for_other_users_401_without_a_valid_token(srv, tokens):
     assert srv.auth(tokens["bob"], P + "/admin").status == 200
     r = srv.auth(tokens["alice"], P + "/admin")
     assert r.status == 403 and r.body == b""
@@ -744,7 +546,7 @@ def test_sliding_refresh(srv, tokens):
 
 # =========================================================================== HTTP: login
 
-def test_login_page(srv):
+def test_login_page_is_a_scriptless_form_keeping_the_return_target(srv):
     r = srv.request("GET", P + "/login?rd=/app/page%3Fx%3D1", headers={"Host": "intranet.example"})
     assert r.status == 200, r
     assert r.headers["content-type"].startswith("text/html")
@@ -758,20 +560,12 @@ def test_login_page(srv):
     assert "<script" not in body.lower()
 
 
-def test_login_page_target_from_x_original_uri(srv):
+def test_login_page_target_is_rd_else_x_original_uri(srv):
     r = srv.request("GET", P + "/login", headers={"X-Original-URI": "/reports/q3?full=1"})
     assert r.status == 200
     assert 'value="/reports/q3?full=1"' in r.body.decode()
-
-
-def test_login_page_prefers_rd_over_x_original_uri(srv):
     r = srv.request("GET", P + "/login?rd=/from-query", headers={"X-Original-URI": "/from-header"})
     assert 'value="/from-query"' in r.body.decode()
-
-
-def test_login_page_shows_x_original_host(srv):
-    r = srv.request("GET", P + "/login", headers={"X-Original-Host": "wiki.example.org"})
-    assert "wiki.example.org" in r.body.decode()
 
 
 def test_logged_in_user_is_sent_to_target(srv, tokens):
@@ -840,15 +634,16 @@ def test_json_login_wrong(srv):
     assert r.cookie() is None
 
 
-def test_cookie_attributes(srv):
+def test_cookie_attributes_by_default(srv):
+    """With no AUTH_COOKIE_* settings at all: HttpOnly, SameSite=Lax, Path=/, Secure."""
     r = srv.request("POST", P + "/login", body={"username": "alice", "password": PW["alice"]})
-    sc = auth_cookie_header(r)
+    (sc,) = r.header_values("set-cookie")
     name, value, attrs = cookie_attrs(sc)
-    assert name == "authToken"
+    assert name == "authToken" and len(value) > 10
     assert attrs.get("path") == "/"
     assert "httponly" in attrs
     assert "secure" in attrs
-    assert attrs.get("samesite", "").lower() == "lax"
+    assert attrs.get("samesite") == "Lax"
     assert "domain" not in attrs
     assert "max-age" in attrs or "expires" in attrs
     if "max-age" in attrs:
@@ -875,7 +670,7 @@ def test_cross_site_login_is_refused(srv, headers, kind):
                                                      "password": PW["alice"]}).encode())
     assert r.status == 403, r
     assert not r.header_values("set-cookie"), r
-    healthy(srv)
+    srv.healthy()
 
 
 @pytest.mark.parametrize("headers", [
@@ -890,37 +685,6 @@ def test_same_site_login_is_allowed(srv, headers):
     r = srv.request("POST", P + "/login", headers=headers,
                     body={"username": "alice", "password": PW["alice"]})
     assert r.status == 200 and r.cookie(), r
-
-
-@pytest.mark.parametrize("kind", ["json", "form"])
-def test_login_body_over_8k_is_413(srv, kind):
-    if kind == "json":
-        body = json.dumps({"username": "alice", "password": "x" * 9 * 1024}).encode()
-        headers = {"Content-Type": "application/json"}
-    else:
-        body = ("username=alice&password=" + "x" * 9 * 1024).encode()
-        headers = FORM
-    r = srv.request("POST", P + "/login", headers=headers, body=body)
-    assert r.status == 413, r
-    assert r.cookie() is None
-    healthy(srv)
-
-
-@pytest.mark.parametrize("ctype,body", [
-    ("application/json", b"{not json"),
-    ("application/json", b"[1,2,3]"),
-    ("application/json", b'{"username": 5, "password": ["x"]}'),
-    ("application/json", b"\xff\xfe\xfd"),
-    ("application/x-www-form-urlencoded", b"username=%ff%fe&password=%00"),
-    ("application/x-www-form-urlencoded", b"&&&===&"),
-    ("text/plain", b'{"username":"alice","password":"alice-pw"}'),
-    ("multipart/form-data; boundary=x", b"--x--"),
-])
-def test_login_bad_bodies_are_4xx(srv, ctype, body):
-    r = srv.request("POST", P + "/login", headers={"Content-Type": ctype}, body=body)
-    assert 400 <= r.status < 500, r
-    assert r.cookie() is None
-    healthy(srv)
 
 
 # --------------------------------------------------------------------------- return targets
@@ -955,7 +719,7 @@ def test_open_redirect_targets_on_form_login(srv, target):
     assert r.status == 303, r
     assert r.headers["location"] == "/", r
     assert not any("pwned" in v for v in r.header_values("set-cookie"))
-    healthy(srv)
+    srv.healthy()
 
 
 @pytest.mark.parametrize("target", BAD_TARGETS)
@@ -983,7 +747,7 @@ def test_x_original_uri_bad_target(srv, tokens):
 # =========================================================================== logout, who am I, misc
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
-def test_logout(srv, tokens, method):
+def test_logout_clears_the_cookie_and_redirects_to_login(srv, tokens, method):
     r = srv.request(method, P + "/logout", headers={"Cookie": "authToken=" + tokens["alice"]})
     assert r.status == 303, r
     assert r.headers["location"].startswith(P + "/login")
@@ -1010,7 +774,7 @@ def test_logout_without_cookie(srv):
 
 
 @pytest.mark.parametrize("path", [P + "/", P + "/logged-in"])
-def test_who_am_i(srv, tokens, path):
+def test_who_am_i_page_names_the_user_and_offers_logout(srv, tokens, path):
     r = srv.auth(tokens["bob"], path)
     assert r.status == 200, r
     assert r.headers["content-type"].startswith("text/html")
@@ -1035,7 +799,7 @@ def test_who_am_i_admin_flag_differs(srv, tokens):
     assert bob != dave
 
 
-def test_healthz(srv):
+def test_healthz_answers_ok_without_a_cookie(srv):
     r = srv.request("GET", P + "/healthz")
     assert r.status == 200 and r.body.strip() == b"ok"
     assert r.headers.get("cache-control") == "no-store"
@@ -1156,8 +920,6 @@ def test_html_escaping_of_user_name(srv, tokens):
 
 def test_cookie_is_a_standard_hs256_jwt(srv, tokens):
     tok = tokens["alice"]
-    header = json.loads(b64u_decode(tok.split(".")[0]))
-    assert header == {"alg": "HS256", "typ": "JWT"}
     assert b64u_decode(tok.split(".")[0]) == b'{"alg":"HS256","typ":"JWT"}'
     c = jwt.decode(tok, SECRET, algorithms=["HS256"])
     now = time.time()
@@ -1169,101 +931,6 @@ def test_cookie_is_a_standard_hs256_jwt(srv, tokens):
     assert "$scrypt$" not in json.dumps(c)
     with pytest.raises(jwt.InvalidSignatureError):
         jwt.decode(tok, SECRET2, algorithms=["HS256"])
-
-
-def _hostile_tokens(good):
-    """(id, token) pairs: each differs from a valid token in one way that must be refused."""
-    c = claims_of(good)
-    h, p, s = good.split(".")
-    now = int(time.time())
-    std = {"alg": "HS256", "typ": "JWT"}
-    flipped = s[:10] + ("A" if s[10] != "A" else "B") + s[11:]
-    yield "alg-none-empty-sig", forge(c, {"alg": "none", "typ": "JWT"}, sig="")
-    yield "alg-none-kept-sig", forge(c, {"alg": "none", "typ": "JWT"})
-    yield "alg-None", forge(c, {"alg": "None", "typ": "JWT"}, sig="")
-    yield "alg-lowercase", forge(c, {"alg": "hs256", "typ": "JWT"})
-    yield "alg-missing", forge(c, {"typ": "JWT"})
-    yield "HS384", forge(c, {"alg": "HS384", "typ": "JWT"}, alg="HS384")
-    yield "HS512", forge(c, {"alg": "HS512", "typ": "JWT"}, alg="HS512")
-    yield "RS256-hmac", forge(c, {"alg": "RS256", "typ": "JWT"})
-    yield "HS384-header-HS256-sig", forge(c, {"alg": "HS384", "typ": "JWT"})
-    yield "wrong-key", forge(c, key=SECRET2)
-    yield "wrong-key-pyjwt", jwt.encode(c, SECRET2, algorithm="HS256")
-    yield "flipped-sig", h + "." + p + "." + flipped
-    yield "truncated-sig", h + "." + p + "." + s[:-4]
-    yield "no-sig", h + "." + p + "."
-    yield "expired", forge(dict(c, exp=now - 5))
-    yield "exp-missing", forge({k: v for k, v in c.items() if k != "exp"})
-    yield "exp-string", forge(dict(c, exp=str(now + 3600)))
-    yield "exp-null", forge(dict(c, exp=None))
-    yield "exp-bool", forge(dict(c, exp=True))
-    yield "exp-nan", forge(c, raw_payload=b64u(compact(c).replace(
-        '"exp":%s' % json.dumps(c["exp"]), '"exp":NaN').encode()))
-    yield "crit", forge(c, {"alg": "HS256", "typ": "JWT", "crit": ["exp"]})
-    yield "crit-empty", forge(c, {"alg": "HS256", "typ": "JWT", "crit": []})
-    yield "sub-missing", forge({k: v for k, v in c.items() if k != "sub"})
-    yield "sub-int", forge(dict(c, sub=1))
-    yield "sub-unknown", forge(dict(c, sub="mallory"))
-    yield "sub-list", forge(dict(c, sub=["alice"]))
-    yield "pwh-changed", forge(dict(c, pwh="0" * 16))
-    yield "payload-array", forge([c])
-    yield "payload-string", forge("alice")
-    yield "header-array", forge(c, raw_header=b64u(b'["HS256"]'))
-    yield "bad-json-payload", forge(c, raw_payload=b64u(b'{"sub":"alice",'))
-    yield "bad-json-header", forge(c, raw_header=b64u(b'{"alg":"HS256"'))
-    yield "non-utf8-payload", forge(c, raw_payload=b64u(b'{"sub":"\xff"}'))
-    yield "bad-base64-header", forge(c, raw_header="!!!" + h)
-    yield "bad-base64-payload", forge(c, raw_payload=p[:5] + "*&^" + p[5:])
-    yield "bad-base64-sig", h + "." + p + "." + "$$$" + s[3:]
-    yield "base64-std-alphabet", forge(c, raw_payload=p + "+/")
-    yield "two-segments", h + "." + p
-    yield "four-segments", good + "." + s
-    yield "empty", ""
-    yield "dots", ".."
-    yield "spaces", "a b c"
-    yield "10KB", "A" * 10 * 1024
-    yield "10KB-dotted", ("A" * 3400 + ".") * 2 + "A" * 3400
-    yield "over-4KiB-valid-signature", forge(dict(c, pad="x" * 4200))
-    yield "dup-key-payload", forge(c, raw_payload=b64u(
-        compact(c)[:-1].encode() + b',"sub":"bob"}'))
-    yield "non-ascii-cookie", "\u00e9\u00e8." + p + "." + s
-
-
-def test_hostile_tokens_are_401_and_server_keeps_answering(srv, tokens):
-    good = tokens["alice"]
-    assert srv.auth(forge(claims_of(good))).status == 200, "control: a hand-made valid token"
-    failures = []
-    for name, tok in _hostile_tokens(good):
-        for path in (P + "/auth", P + "/admin", P + "/auth?group=staff"):
-            try:
-                r = srv.auth(tok, path)
-            except Exception as e:  # noqa: BLE001
-                failures.append((name, path, repr(e)))
-                continue
-            if r.status != 401 or r.body != b"":
-                failures.append((name, path, r.status, r.body[:80]))
-            elif tok and not auth_cookie_header(r):
-                failures.append((name, path, "no clearing Set-Cookie"))
-        assert healthy(srv)
-    assert not failures, failures
-    assert srv.auth(good).status == 200
-
-
-def test_odd_but_valid_claims_never_5xx(srv, tokens):
-    c = claims_of(tokens["alice"])
-    for extra in ({"exp": 10 ** 400}, {"exp": 1e300}, {"iat": -1}, {"iat": "x"},
-                  {"auth_time": "x"}, {"auth_time": None}, {"extra": {"deep": [1, 2]}}):
-        r = srv.auth(forge(dict(c, **extra)))
-        assert r.status in (200, 401), (extra, r)
-    assert healthy(srv)
-
-
-def test_hostile_tokens_on_pages(srv, tokens):
-    for name, tok in _hostile_tokens(tokens["alice"]):
-        r = srv.auth(tok, P + "/")
-        assert r.status == 303, (name, r)
-        r = srv.auth(tok, P + "/login")
-        assert r.status == 200, (name, r)
 
 
 def test_signature_compare_is_constant_time():
@@ -1283,17 +950,13 @@ def _rev_server(authd, **kw):
     return authd(users=users, **kw)
 
 
-def _cli_env(d):
-    return {"AUTH_USERS_FILE": str(d.users_file), "AUTH_TOKEN_SECRET": SECRET}
-
-
 def test_deluser_revokes_at_once(tmp_path, authd):
     d = _rev_server(authd)
     tok = d.login("alice", "a-pw")
     assert d.auth(tok).status == 200
-    cp = run_cli("deluser", "alice", env=_cli_env(d), cwd=str(tmp_path))
+    cp = _cli(tmp_path, "deluser", "alice")
     assert cp.returncode == 0, cp.stderr
-    assert wait_until(lambda: d.auth(tok).status == 401), "deleted user still admitted"
+    wait_until(lambda: d.auth(tok).status == 401, what="the deleted user's token to be refused")
     assert d.auth(tok, P + "/admin").status == 401
     assert d.proc.poll() is None
     assert d.auth(d.login("carol", "c-pw")).status == 200
@@ -1304,7 +967,7 @@ def test_deleting_user_by_editing_file(tmp_path, authd):
     tok = d.login("carol", "c-pw")
     lines = [l for l in d.users_file.read_text().splitlines() if not l.startswith("carol:")]
     write_users(d.users_file, lines)
-    assert wait_until(lambda: d.auth(tok).status == 401)
+    wait_until(lambda: d.auth(tok).status == 401, what="the deleted user's token to be refused")
 
 
 def test_demoting_admin_revokes_admin_at_once(tmp_path, authd):
@@ -1314,7 +977,7 @@ def test_demoting_admin_revokes_admin_at_once(tmp_path, authd):
     lines = [("bob:" + l.split(":")[1] + ":ops") if l.startswith("bob:") else l
              for l in d.users_file.read_text().splitlines()]
     write_users(d.users_file, lines)
-    assert wait_until(lambda: d.auth(tok, P + "/admin").status == 403), "demoted admin kept /admin"
+    wait_until(lambda: d.auth(tok, P + "/admin").status == 403, what="the demoted admin to lose /admin")
     r = d.auth(tok)
     assert r.status == 200 and r.headers["x-auth-admin"] == "false"
     assert r.headers["x-auth-groups"] == "ops"
@@ -1327,7 +990,7 @@ def test_promotion_and_groups_change_without_new_login(tmp_path, authd):
     lines = [(l + ":admin,dev") if l.startswith("carol:") else l
              for l in d.users_file.read_text().splitlines()]
     write_users(d.users_file, lines)
-    assert wait_until(lambda: d.auth(tok, P + "/admin").status == 200)
+    wait_until(lambda: d.auth(tok, P + "/admin").status == 200, what="the promoted user to get /admin")
     assert d.auth(tok, P + "/auth?group=dev").status == 200
 
 
@@ -1335,9 +998,9 @@ def test_passwd_invalidates_old_tokens(tmp_path, authd):
     d = _rev_server(authd)
     tok = d.login("alice", "a-pw")
     assert d.auth(tok).status == 200
-    cp = run_cli("passwd", "alice", input="new-alice-pw\n", env=_cli_env(d), cwd=str(tmp_path))
+    cp = _cli(tmp_path, "passwd", "alice", input="new-alice-pw\n")
     assert cp.returncode == 0, cp.stderr
-    assert wait_until(lambda: d.auth(tok).status == 401), "old token survived passwd"
+    wait_until(lambda: d.auth(tok).status == 401, what="the token from before passwd to be refused")
     d.login("alice", "a-pw", expect=401)
     tok2 = d.login("alice", "new-alice-pw")
     assert d.auth(tok2).status == 200
@@ -1351,25 +1014,9 @@ def test_passwd_same_password_still_invalidates(tmp_path, authd):
     """A new salt means a new hash: tokens from before the change die even for the same password."""
     d = _rev_server(authd)
     tok = d.login("carol", "c-pw")
-    cp = run_cli("passwd", "carol", input="c-pw\n", env=_cli_env(d), cwd=str(tmp_path))
+    cp = _cli(tmp_path, "passwd", "carol", input="c-pw\n")
     assert cp.returncode == 0, cp.stderr
-    assert wait_until(lambda: d.auth(tok).status == 401)
-
-
-def test_sighup_reloads_users_file(tmp_path, authd):
-    d = _rev_server(authd)
-    tok = d.login("carol", "c-pw")
-    st = d.users_file.stat()
-    text = d.users_file.read_text()
-    new = text.replace("\ncarol:", "\ncarox:")
-    assert len(new) == len(text) and new != text
-    with open(str(d.users_file), "r+") as f:      # same inode, same size, same mtime
-        f.write(new)
-    os.utime(str(d.users_file), ns=(st.st_atime_ns, st.st_mtime_ns))
-    d.proc.send_signal(signal.SIGHUP)
-    assert wait_until(lambda: d.auth(tok).status == 401), "SIGHUP did not reload"
-    assert d.proc.poll() is None
-    healthy(d)
+    wait_until(lambda: d.auth(tok).status == 401, what="the token from before passwd to be refused")
 
 
 def test_broken_users_file_on_reload_keeps_old_users(tmp_path, authd):
@@ -1384,8 +1031,8 @@ def test_broken_users_file_on_reload_keeps_old_users(tmp_path, authd):
     assert d.proc.poll() is None
     # fixing the file is picked up again
     write_users(d.users_file, lines[:-1] + ["dave:" + fast_hash("d-pw")])
-    assert wait_until(lambda: d.request("POST", P + "/login", body={
-        "username": "dave", "password": "d-pw"}).status == 200)
+    wait_until(lambda: d.request("POST", P + "/login", body={"username": "dave", "password": "d-pw"}).status == 200,
+               what="the fixed file to be read")
 
 
 # =========================================================================== users file
@@ -1426,7 +1073,8 @@ def test_plaintext_password_is_hashed_at_start(tmp_path, authd):
     leftovers = {n for n in leftovers if not n.endswith(".lock")}     # a lock file may stay
     assert not leftovers, "temporary files left behind: %s" % leftovers
     alice_hash = after_lines[4].split(":")[1]
-    assert passlib_scrypt.verify("plain-secret", alice_hash)
+    assert passlib_scrypt.identify(alice_hash) and passlib_scrypt.verify("plain-secret", alice_hash)
+    assert not passlib_scrypt.verify("plain-secreT", alice_hash)
     tok = d.login("alice", "plain-secret")
     r = d.auth(tok, P + "/admin")
     assert r.status == 200
@@ -1450,6 +1098,8 @@ def test_plaintext_password_is_hashed_at_start(tmp_path, authd):
     "nohash:",
     "alice:$zz$unknownformat",
     "alice:$scrypt$garbage",
+    "alice:$scrypt$ln=99,r=8,p=1$AAAA$" + "A" * 43,
+    "alice:{SHA}notbase64!",
 ])
 def test_malformed_users_line_refuses_start(tmp_path, bad_line):
     line = bad_line.replace("{hash}", fast_hash("pw"))
@@ -1462,7 +1112,7 @@ def test_duplicate_user_refuses_start(tmp_path):
     assert "bob" in out and re.search(line_ref(tmp_path / "users.txt", 3), out), out
 
 
-def test_name_limits(tmp_path, authd):
+def test_user_names_of_1_to_64_allowed_characters_log_in(tmp_path, authd):
     name64 = "n" * 64
     d = authd(users=[name64 + ":" + fast_hash("pw"), "\u00e9t\u00e9:" + fast_hash("pw"),
                      "a.b-c_d@e:" + fast_hash("pw"), "x:" + fast_hash("pw")])
@@ -1481,12 +1131,6 @@ def test_libpass_default_hash_logs_in(tmp_path, authd):
 
 
 # =========================================================================== command line
-
-def _cli(tmp_path, *args, input=None, env=None):
-    environ = {"AUTH_USERS_FILE": str(tmp_path / "users.txt"), "AUTH_TOKEN_SECRET": SECRET}
-    environ.update(env or {})
-    return run_cli(*args, input=input, env=environ, cwd=str(tmp_path))
-
 
 def _fails_cleanly(cp, *words):
     assert cp.returncode != 0, cp
@@ -1549,7 +1193,7 @@ def test_adduser_users_deluser_cycle(tmp_path, authd):
     cp = _cli(tmp_path, "deluser", "ben")
     assert cp.returncode == 0, cp.stderr
     assert "ben:" not in (tmp_path / "users.txt").read_text()
-    assert wait_until(lambda: d.auth(tok).status == 401)
+    wait_until(lambda: d.auth(tok).status == 401, what="the deleted user's token to be refused")
     assert "ben" not in _cli(tmp_path, "users").stdout.split()
 
 
@@ -1557,8 +1201,8 @@ def test_adduser_new_user_picked_up_by_running_server(tmp_path, authd):
     d = authd(users=["zed:" + fast_hash("z")])
     cp = _cli(tmp_path, "adduser", "newbie", input="newbie-pw\n")
     assert cp.returncode == 0, cp.stderr
-    assert wait_until(lambda: d.request("POST", P + "/login", body={
-        "username": "newbie", "password": "newbie-pw"}).status == 200)
+    wait_until(lambda: d.request("POST", P + "/login", body={"username": "newbie", "password": "newbie-pw"}).status
+               == 200, what="the new user to be read")
 
 
 @pytest.mark.parametrize("args,words", [
@@ -1566,6 +1210,7 @@ def test_adduser_new_user_picked_up_by_running_server(tmp_path, authd):
     (["adduser", "bad name"], []),
     (["adduser", "a:b"], []),
     (["adduser", "x" * 65], []),
+    *[(["adduser", name], []) for name in ("a\nb", "a\rb", "a\u2028b", "a\x85b", "a,b", "", "#x")],
     (["passwd", "ghost"], ["ghost"]),
     (["deluser", "ghost"], ["ghost"]),
     (["adduser"], []),
@@ -1590,7 +1235,7 @@ def test_cli_on_malformed_file_names_the_line(tmp_path):
         assert (tmp_path / "users.txt").read_text() == before
 
 
-def test_check_ok(tmp_path):
+def test_check_exits_0_on_valid_settings_and_users(tmp_path):
     write_users(tmp_path / "users.txt", ["# c", "zed:" + fast_hash("z") + ":admin"])
     cp = _cli(tmp_path, "check")
     assert cp.returncode == 0, cp.stdout + cp.stderr
@@ -1622,40 +1267,16 @@ def test_check_lists_every_problem(tmp_path):
 def test_check_does_not_modify_plaintext_file(tmp_path):
     write_users(tmp_path / "users.txt", ["zed:plain-pw"])
     cp = _cli(tmp_path, "check")
-    assert cp.returncode in (0, 1)
+    assert cp.returncode == 0, cp.stdout + cp.stderr     # a plaintext password is hashed at start: valid
     assert_no_traceback(cp.stdout + cp.stderr)
     assert (tmp_path / "users.txt").read_text() == "zed:plain-pw\n", "check only looks"
 
 
 # =========================================================================== robustness basics
 
-def test_server_survives_protocol_abuse(srv):
-    port = srv.port
-    cases = [
-        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", {414}),
-        (b"GET " + P.encode() + b"/auth HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 17000
-         + b"\r\n\r\n", {431}),
-        (b"GET " + P.encode() + b"/auth HTTP/1.1\r\nHost: x\r\n"
-         + b"".join(b"X-H%d: v\r\n" % i for i in range(120)) + b"\r\n", {431}),
-        (b"POST " + P.encode() + b"/login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-         b"Content-Type: application/json\r\n\r\n5\r\nhello\r\n0\r\n\r\n", {411}),
-        (b"POST " + P.encode() + b"/login HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", {400}),
-        (b"POST " + P.encode() + b"/login HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
-         b"Content-Length: 4\r\n\r\nabcd", {400}),
-        (b"POST " + P.encode() + b"/login HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", {400}),
-        (b"HELLO\r\n\r\n", {400}),
-        (b"GET " + P.encode() + b"/healthz HTTP/9.9\r\n\r\n", {400, 505}),
-    ]
-    for data, expected in cases:
-        buf = raw_http(port, data)
-        assert raw_status(buf) in expected, (data[:80], buf[:200])
-        assert b"Traceback" not in buf
-        assert healthy(srv)
-
-
 def test_http10_and_keepalive(srv, tokens):
-    buf = raw_http(srv.port, b"GET " + P.encode() + b"/healthz HTTP/1.0\r\n\r\n")
-    assert raw_status(buf) == 200 and buf.rstrip().endswith(b"ok")
+    r = raw_request(srv.port, b"GET " + P.encode() + b"/healthz HTTP/1.0\r\n\r\n")
+    assert r.status == 200 and r.body.rstrip().endswith(b"ok")
     conn = srv.connect()
     try:
         for _ in range(3):
@@ -1670,9 +1291,8 @@ def test_http10_and_keepalive(srv, tokens):
         assert r.status == 200, "a 401 must not end the keep-alive connection"
     finally:
         conn.close()
-    resp_version = raw_http(srv.port, b"GET " + P.encode() + b"/healthz HTTP/1.1\r\nHost: x\r\n"
-                            b"Connection: close\r\n\r\n")
-    assert resp_version.startswith(b"HTTP/1.1 200")
+    r = raw_request(srv.port, b"GET " + P.encode() + b"/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert r.head.startswith(b"HTTP/1.1 200")
 
 
 def test_odd_headers_on_auth(srv, tokens):
@@ -1688,7 +1308,7 @@ def test_odd_headers_on_auth(srv, tokens):
     ):
         r = srv.request("GET", P + "/auth", headers=headers)
         assert r.status in (200, 401), (headers, r)
-    assert healthy(srv)
+    assert srv.healthy()
 
 
 def test_shared_server_logged_no_traceback(srv):
@@ -1701,15 +1321,6 @@ def test_shared_server_logged_no_traceback(srv):
 def test_pyjwt_minted_token_is_accepted(srv, tokens):
     c = claims_of(tokens["carol"])
     assert srv.auth(jwt.encode(c, SECRET, algorithm="HS256")).headers.get("x-auth-user") == "carol"
-
-
-def test_authd_hash_verifies_in_libpass(tmp_path, authd):
-    d = authd(users=["alice:fresh-plain-pw"])        # authd hashes it at load
-    h = d.users_file.read_text().strip().split(":")[1]
-    assert SCRYPT_RE.match(h), h
-    assert passlib_scrypt.verify("fresh-plain-pw", h)
-    assert not passlib_scrypt.verify("fresh-plain-pX", h)
-    assert passlib_scrypt.identify(h)
 
 
 # stdlib module names on Pythons without sys.stdlib_module_names (3.9)
@@ -1755,7 +1366,7 @@ def test_authd_runs_with_site_packages_disabled(tmp_path):
     assert SCRYPT_RE.match(cp.stdout.strip())
 
 
-# =========================================================================== unit tests (pure functions)
+# =========================================================================== pure functions, imported
 
 import authd  # noqa: E402  (the module under test; importing it must not start anything)
 
@@ -1768,15 +1379,8 @@ import authd  # noqa: E402  (the module under test; importing it must not start 
     ("/a\r\nb", "/"), ("/a\nb", "/"), ("/a\tb", "/"), ("/a\x00", "/"), ("/a\x7f", "/"),
     ("", "/"), (None, "/"), ("/" + "a" * 5000, "/"),
 ])
-def test_unit_safe_target(target, expected):
+def test_return_target_is_kept_only_when_it_is_a_local_path(target, expected):
     assert authd.safe_target(target) == expected
-
-
-def test_unit_safe_target_never_leaves_the_site():
-    for t in ["/ok", "/\u2044\u2044evil", "/\uff0f/evil", "/ /evil", "/%0d%0a", "/?//evil"]:
-        out = authd.safe_target(t)
-        assert out.startswith("/") and not out.startswith(("//", "/\\"))
-        assert all(32 < ord(c) < 127 for c in out), out
 
 
 @pytest.mark.parametrize("line,expected", [
@@ -1786,17 +1390,17 @@ def test_unit_safe_target_never_leaves_the_site():
     ("A=v # comment", ("A", "v")), ("A=v#kept", ("A", "v#kept")), ("  A = 1  ", ("A", "1")),
     ("A=a=b", ("A", "a=b")),
 ])
-def test_unit_parse_env_line(line, expected):
+def test_env_line_syntax_quotes_export_and_comments(line, expected):
     assert authd.parse_env_line(line) == expected
 
 
 @pytest.mark.parametrize("line", ["novalue", 'A="unterminated', "1A=x", "A B=1", 'A="x" y'])
-def test_unit_parse_env_line_errors(line):
+def test_malformed_env_lines_are_errors(line):
     with pytest.raises(ValueError):
         authd.parse_env_line(line)
 
 
-def test_unit_load_settings_precedence(tmp_path):
+def test_settings_precedence_and_defaults(tmp_path):
     env_file = tmp_path / ".env"
     env_file.write_text("AUTH_PORT=3\nAUTH_COOKIE_NAME=file\nAUTH_NOPE=1\n")
     s, warnings = authd.load_settings({"AUTH_PORT": "1"}, {"AUTH_PORT": "2"}, str(env_file))
@@ -1814,7 +1418,7 @@ def test_unit_load_settings_precedence(tmp_path):
     assert s.secret_file == os.path.join(os.path.dirname(os.path.abspath(s.users_file)), ".authd_secret")
 
 
-def test_unit_load_settings_names_every_bad_key(tmp_path):
+def test_settings_errors_name_every_bad_key_but_no_secret(tmp_path):
     with pytest.raises(authd.SettingsError) as e:
         authd.load_settings({}, {"AUTH_PORT": "x", "AUTH_EXPIRY_DAYS": "nan",
                                  "AUTH_TOKEN_SECRET": "short-but-secret"}, str(tmp_path / "none"))
@@ -1824,52 +1428,13 @@ def test_unit_load_settings_names_every_bad_key(tmp_path):
     assert "short-but-secret" not in text, "a secret must not be echoed in an error"
 
 
-def test_unit_secrets_rotation_split(tmp_path):
+def test_token_secrets_split_on_commas_and_spaces(tmp_path):
     s, _ = authd.load_settings({}, {"AUTH_TOKEN_SECRET": " %s ,\t%s " % (SECRET, SECRET2)},
                                str(tmp_path / "none"))
     assert authd.load_secrets(s) == [SECRET.encode(), SECRET2.encode()]
 
 
-def _claims(**kw):
-    now = int(time.time())
-    c = {"sub": "alice", "iat": now, "exp": now + 3600, "auth_time": now, "pwh": "abc"}
-    c.update(kw)
-    return c
-
-
-def test_unit_token_round_trip_and_pyjwt():
-    key = SECRET.encode()
-    now = int(time.time())
-    tok = authd.sign_token(_claims(), key)
-    assert authd.decode_token(tok, [key], now)["sub"] == "alice"
-    assert jwt.decode(tok, SECRET, algorithms=["HS256"])["sub"] == "alice"
-    assert authd.decode_token(jwt.encode(_claims(), SECRET, algorithm="HS256"), [key], now)
-    assert authd.decode_token(tok, [SECRET2.encode(), key], now), "any key verifies"
-    assert authd.decode_token(tok, [SECRET2.encode()], now) is None
-
-
-@pytest.mark.parametrize("change", [
-    {"exp": 0}, {"exp": "9999999999"}, {"exp": 1.5e10}, {"iat": 2 ** 40},
-    {"auth_time": 2 ** 40}, {"sub": ""}, {"sub": "a:b"}, {"sub": None}, {"pwh": 1},
-])
-def test_unit_decode_token_rejects_bad_claims(change):
-    now = int(time.time())
-    c = _claims(**change)
-    assert authd.decode_token(authd.sign_token(c, SECRET.encode()), [SECRET.encode()], now) is None
-
-
-def test_unit_decode_token_rejects_hostile_shapes():
-    key = SECRET.encode()
-    now = int(time.time())
-    good = authd.sign_token(_claims(), key)
-    for name, tok in _hostile_tokens(good):
-        if name in ("sub-unknown", "pwh-changed"):
-            continue              # valid tokens: the users file refuses them, not decode_token
-        assert authd.decode_token(tok, [key], now) is None, name
-    assert authd.decode_token(None, [key], now) is None
-
-
-def test_unit_issue_token_caps_at_max_age():
+def test_issued_token_expires_no_later_than_max_age():
     s, _ = authd.load_settings({}, {"AUTH_MAX_AGE_DAYS": "1", "AUTH_EXPIRY_DAYS": "7"}, "/nonexistent/.env")
     user = authd.User("alice", fast_hash("pw"), ["staff"])
     now = int(time.time())
@@ -1879,7 +1444,7 @@ def test_unit_issue_token_caps_at_max_age():
     assert c["auth_time"] == now - 3600 and c["pwh"] == user.fingerprint
 
 
-def test_unit_fingerprint_changes_with_hash():
+def test_password_fingerprint_changes_with_the_hash_and_hides_it():
     a = authd.User("alice", fast_hash("pw"), [])
     b = authd.User("alice", fast_hash("pw"), [])
     assert a.fingerprint != b.fingerprint
@@ -1890,30 +1455,22 @@ def test_unit_fingerprint_changes_with_hash():
     ("alice:{h}", "alice", ()), ("alice:{h}:a,b", "alice", ("a", "b")),
     ("al-ice.x@y:{h}:admin", "al-ice.x@y", ("admin",)),
 ])
-def test_unit_parse_user_line(line, name, groups):
+def test_users_line_gives_name_groups_and_admin(line, name, groups):
     u = authd.parse_user_line(line.replace("{h}", fast_hash("pw")))
     assert (u.name, u.groups, u.admin) == (name, groups, "admin" in groups)
 
 
 @pytest.mark.parametrize("line", ["", "  ", "# comment", "  # indented"])
-def test_unit_parse_user_line_comments(line):
+def test_users_file_comments_and_blank_lines_are_not_users(line):
     assert authd.parse_user_line(line) is None
 
 
-@pytest.mark.parametrize("line", ["x", ":{h}", "a b:{h}", "a,b:{h}", "x" * 65 + ":{h}",
-                                  "a:{h}:g:extra", "a:", "a:$zz$x", "a:$scrypt$ln=99,r=8,p=1$AAAA$"
-                                  + "A" * 43, "a:{SHA}notbase64!"])
-def test_unit_parse_user_line_errors(line):
-    with pytest.raises(ValueError):
-        authd.parse_user_line(line.replace("{h}", fast_hash("pw")))
-
-
-def test_unit_is_plaintext():
+def test_plaintext_password_is_told_from_a_hash():
     assert authd.is_plaintext("hunter2") and authd.is_plaintext("SHA}x")
     assert not authd.is_plaintext("$scrypt$x") and not authd.is_plaintext("{SHA}x")
 
 
-def test_unit_parse_users_text_reports_every_line():
+def test_users_file_errors_name_every_bad_line():
     text = "# c\nok:%s\nbad\nok:%s\nalso bad:x\n" % (fast_hash("a"), fast_hash("b"))
     with pytest.raises(authd.UsersFileError) as e:
         authd.parse_users_text(text, "/x/users.txt")
@@ -1922,14 +1479,14 @@ def test_unit_parse_users_text_reports_every_line():
         assert re.search(line_ref("/x/users.txt", n), joined), (n, joined)
 
 
-def test_unit_render_keeps_comments_and_order():
+def test_users_file_rewrite_keeps_comments_and_order():
     text = "# a\n\nz:%s:g\n# b\na:%s\n" % (fast_hash("1"), fast_hash("2"))
     entries, users = authd.parse_users_text(text, "f")
     assert authd.render_users(entries) == text
     assert list(users) == ["z", "a"]
 
 
-def test_unit_scrypt_interop_with_libpass():
+def test_scrypt_hashes_interoperate_with_libpass():
     h = fast_hash("pw")
     assert authd.verify_password("pw", h) and not authd.verify_password("pW", h)
     native = authd.hash_password("pw")
@@ -1938,7 +1495,7 @@ def test_unit_scrypt_interop_with_libpass():
     assert (n, r, p, len(salt), len(checksum)) == (2 ** 17, 8, 1, 16, 32)
 
 
-def test_unit_apr1_matches_libpass():
+def test_apr1_hash_matches_libpass():
     from passlib.hash import apr_md5_crypt
     for pw, salt in ((b"pw", b"abcdefgh"), (b"x" * 40, b"Zz./1234"), (b"", b"a")):
         expected = apr_md5_crypt.using(salt=salt.decode()).hash(pw.decode())
@@ -1950,7 +1507,7 @@ def test_unit_apr1_matches_libpass():
     ('authToken="c"', "authToken", ["c"]), ("authToken=a; authToken=b", "authToken", ["a", "b"]),
     ("myauthToken=a", "authToken", []), ("authTokenx=a", "authToken", []), ("", "authToken", []),
 ])
-def test_unit_cookie_values(header, name, expected):
+def test_cookie_header_values_of_one_name(header, name, expected):
     assert authd.cookie_values(header, name) == expected
 
 
@@ -1958,11 +1515,11 @@ def test_unit_cookie_values(header, name, expected):
     ("Example.COM:8080", "example.com"), ("example.com", "example.com"), ("[::1]:80", "::1"),
     ("::1", "::1"), ("", ""),
 ])
-def test_unit_host_name(host, expected):
+def test_host_name_drops_port_and_case(host, expected):
     assert authd.host_name(host) == expected
 
 
-def test_unit_rate_limiter():
+def test_rate_limiter_window_refund_and_eviction():
     rl = authd.RateLimiter(2, 10, max_keys=3)
     assert rl.hit("a", 0) == 0 and rl.hit("a", 1) == 0
     assert rl.hit("a", 2) == 8
@@ -1974,7 +1531,7 @@ def test_unit_rate_limiter():
     assert len(rl.entries) <= 3, "memory is bounded"
 
 
-def test_unit_quoted_is_one_line():
+def test_quoted_log_value_is_one_short_line():
     q = authd.quoted('a"b\nc\r\x00' + "x" * 500)
     assert "\n" not in q and "\r" not in q and len(q) < 260
     assert q.startswith('"') and q.endswith('"')
@@ -1989,13 +1546,13 @@ def test_unit_quoted_is_one_line():
     (b"GET / HTTP/2.0\r\n\r\n", 505),
     (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
 ])
-def test_unit_parse_head_rejects(head, status):
+def test_malformed_request_heads_are_refused_with_their_status(head, status):
     with pytest.raises(authd.HTTPError) as e:
         authd.parse_head(head)
     assert e.value.status == status
 
 
-def test_unit_parse_head_ok():
+def test_request_head_gives_method_path_query_headers_and_length():
     r = authd.parse_head(b"POST /__auth/login?rd=/x HTTP/1.1\r\nHost: a\r\nCookie: a=1\r\n"
                          b"cookie: b=2\r\nContent-Length: 5\r\n\r\n")
     assert (r.method, r.path, r.query, r.keep_alive) == ("POST", "/__auth/login", "rd=/x", True)

@@ -77,7 +77,7 @@ def test_prints_every_row_at_every_connection_count(tiny_run):
     assert "WARNING" not in stdout, stdout
 
 
-def test_numbers_are_sane(tiny_run):
+def test_every_row_has_positive_ordered_error_free_figures(tiny_run):
     _, _, data = tiny_run
     rows = {(r["id"], r["conns"]): r for r in data["results"]}
     expected = [(i, c) for i in WRK_ROWS for c in CONNS] + [("e-nginx", 4), ("e-direct", 4), ("f", 4)]

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HERE, SECRET, Authd, Response, fast_hash, need
+from conftest import HERE, SECRET, Authd, fast_hash, free_port, need, send, tcp_sockets, wait_until
 
 EXAMPLE = HERE / "nginx.example.conf"
 ARTIFACTS = HERE / "test-artifacts"
@@ -155,12 +155,6 @@ def echo_of(body):
 # ---------------------------------------------------------------------------
 # nginx with the example config
 # ---------------------------------------------------------------------------
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def substitute(text, old, new, count=1):
     found = text.count(old)
@@ -304,20 +298,12 @@ class Site:
         headers = dict(headers or {})
         if token is not None:
             headers["Cookie"] = "authToken=" + token
-        if isinstance(body, (dict, list)):
-            body = json.dumps(body).encode()
-            headers.setdefault("Content-Type", "application/json")
         if tls:
             conn = http.client.HTTPSConnection("127.0.0.1", port or self.https_port, timeout=20,
                                                context=ssl._create_unverified_context())
         else:
             conn = http.client.HTTPConnection("127.0.0.1", port or self.http_port, timeout=20)
-        try:
-            conn.request(method, path, body=body, headers=headers)
-            resp = conn.getresponse()
-            return Response(resp.status, resp.getheaders(), resp.read())
-        finally:
-            conn.close()
+        return send(conn, method, path, headers, body)
 
     def login(self, name, password=None):
         """A token through nginx with the JSON API."""
@@ -375,6 +361,17 @@ def login_in_browser(page, name, password):
     page.get_by_label("User name").fill(name)
     page.get_by_label("Password").fill(password)
     page.get_by_role("button", name="Sign in").click()
+
+
+def signed_in_page(new_context, site, path, name):
+    """A fresh browser that asked for PATH, signed in as NAME on the login page it got
+    instead, and is back at PATH: (context, page)."""
+    ctx = new_context()
+    page = ctx.new_page()
+    page.goto(site.url + path)
+    login_in_browser(page, name, PASSWORDS[name])
+    page.wait_for_url(site.url + path)
+    return ctx, page
 
 
 def decode(token):
@@ -463,11 +460,7 @@ def test_plain_http_is_redirected_to_https(site):
 # ---------------------------------------------------------------------------
 
 def test_cookie_is_httponly_and_secure_in_the_browser(site, new_context):
-    ctx = new_context()
-    page = ctx.new_page()
-    page.goto(site.url + "/some/page")
-    login_in_browser(page, "bob", PASSWORDS["bob"])
-    page.wait_for_url(site.url + "/some/page")
+    ctx, page = signed_in_page(new_context, site, "/some/page", "bob")
     cookie = auth_cookie(ctx)
     assert cookie is not None
     assert cookie["httpOnly"] is True and cookie["secure"] is True
@@ -481,8 +474,7 @@ def aged(token, seconds=120):
     claims = decode(token)  # as if the login and the token were SECONDS older
     for claim in ("iat", "exp", "auth_time"):
         claims[claim] -= seconds
-    old = jwt.encode(claims, SECRET, algorithm="HS256")
-    return old if isinstance(old, str) else old.decode()
+    return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
 def test_fresh_token_is_not_reissued_through_nginx(site):
@@ -568,18 +560,10 @@ def test_admin_location(site):
 
 
 def test_admin_location_in_browser(site, new_context):
-    ctx = new_context()
-    page = ctx.new_page()
-    page.goto(site.url + "/admin/panel")
-    login_in_browser(page, "carol", PASSWORDS["carol"])
-    page.wait_for_url(site.url + "/admin/panel")
+    _, page = signed_in_page(new_context, site, "/admin/panel", "carol")
     assert "403" in page.content()
     assert "App page" not in page.content()
-    ctx2 = new_context()
-    page2 = ctx2.new_page()
-    page2.goto(site.url + "/admin/panel")
-    login_in_browser(page2, "alice", PASSWORDS["alice"])
-    page2.wait_for_url(site.url + "/admin/panel")
+    _, page2 = signed_in_page(new_context, site, "/admin/panel", "alice")
     assert page2.locator("h1").inner_text() == "App page /admin/panel"
 
 
@@ -609,11 +593,7 @@ def test_subrequest_endpoints_are_internal_and_pages_are_public(site):
 # ---------------------------------------------------------------------------
 
 def test_logout_in_browser_then_login_is_asked_again(site, new_context):
-    ctx = new_context()
-    page = ctx.new_page()
-    page.goto(site.url + "/some/page")
-    login_in_browser(page, "bob", PASSWORDS["bob"])
-    page.wait_for_url(site.url + "/some/page")
+    ctx, page = signed_in_page(new_context, site, "/some/page", "bob")
     page.goto(site.url + "/__auth/")
     assert "bob" in page.locator("main").inner_text()
     page.get_by_role("button", name="Sign out").click()
@@ -715,10 +695,7 @@ def test_micro_cache_serves_allows_and_never_denials(tools, cert, tmp_path):
         # carol is deleted: authd refuses her at once, but the cached allow stands (the trade-off)
         users = s.authd.users_file
         users.write_text("".join(line + "\n" for line in USERS if not line.startswith("carol:")))
-        deadline = time.monotonic() + 10
-        while s.authd.request("GET", "/__auth/auth", headers={"Cookie": "authToken=" + token}).status != 401:
-            assert time.monotonic() < deadline, "authd did not pick up the users file"
-            time.sleep(0.2)
+        wait_until(lambda: s.authd.auth(token).status == 401, what="authd to pick up the users file")
         r = s.fetch("GET", "/b", token=token)
         assert r.status == 200 and echo_of(r.body)["headers"]["x-auth-user"] == ["carol"], r
         # the cache key holds the per-location rule: /staff/ asks authd afresh -> denied
@@ -727,10 +704,7 @@ def test_micro_cache_serves_allows_and_never_denials(tools, cert, tmp_path):
         bob = s.login("bob")
         assert s.fetch("GET", "/admin/x", token=bob).status == 403
         users.write_text(users.read_text().replace(":staff", ":staff,admin"))
-        deadline = time.monotonic() + 10
-        while s.authd.request("GET", "/__auth/admin", headers={"Cookie": "authToken=" + bob}).status != 200:
-            assert time.monotonic() < deadline, "authd did not pick up the users file"
-            time.sleep(0.2)
+        wait_until(lambda: s.authd.auth(bob, "/__auth/admin").status == 200, what="authd to pick up the users file")
         assert s.fetch("GET", "/admin/x", token=bob).status == 200
         # a bypass is neither answered from the cache nor stored in it
         assert s.fetch("GET", "/c", headers={"X-Auth-Bypass": BYPASS}).status == 200
@@ -748,14 +722,9 @@ def loopback_tcp_states(port):
     """{state: count} of TCP sockets (not listening) with PORT at either end,
     from /proc/net/tcp{,6}; each loopback connection counts once per end."""
     states = {}
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if not os.path.exists(name):
-            continue
-        for line in Path(name).read_text().splitlines()[1:]:
-            fields = line.split()
-            local, remote, state = int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16), fields[3]
-            if port in (local, remote) and state != "0A":  # 0A = LISTEN
-                states[state] = states.get(state, 0) + 1
+    for local, remote, state, _, _ in tcp_sockets():
+        if port in (local, remote) and state != "0A":  # 0A = LISTEN
+            states[state] = states.get(state, 0) + 1
     return states
 
 

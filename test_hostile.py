@@ -11,14 +11,12 @@ N s" is a socket timeout), never measured.
 """
 import base64
 import hashlib
-import hmac
 import ipaddress
 import json
 import os
 import posixpath
 import random
 import re
-import resource
 import select
 import socket
 import subprocess
@@ -34,23 +32,14 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import authd as A
-from conftest import AUTHD, SECRET, Authd, Response, fast_hash, need, write_users
+from conftest import (AUTHD, HERE, HS256_HEADER, SECRET, Authd, Raw, Response, b64u, b64u_decode, clean_environ,
+                      compact, cookie_attrs, fast_hash, forge_jwt, need, proc_status, raw_request, wait_until,
+                      write_users)
 
-HERE = Path(__file__).resolve().parent
 PREFIX = "/__auth"
 ALICE_PW, BOB_PW = "alice-pw-Ö1", "bob-pw-2"
 USERS = ["# hostile test users", "alice:%s:admin" % fast_hash(ALICE_PW), "bob:%s:staff" % fast_hash(BOB_PW)]
-FIELD_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 HEALTH = b"GET /__auth/healthz HTTP/1.1\r\nHost: example.test\r\n\r\n"
-
-
-def wait_until(condition, timeout=10, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError("timed out waiting for " + what)
 
 
 def no_internal_errors(server):
@@ -60,89 +49,11 @@ def no_internal_errors(server):
     assert "internal error" not in log and "connection error" not in log and "Traceback" not in log, log[-3000:]
 
 
-# ---------------------------------------------------------------------------
-# Raw HTTP over a socket: nothing between the test and authd's parser.
-# ---------------------------------------------------------------------------
-
-class Raw:
-    def __init__(self, port, timeout=10):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.buf = b""
-        self.eof = False
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def _fill(self):
-        if self.eof:
-            return False
-        try:
-            chunk = self.sock.recv(65536)
-        except (ConnectionResetError, BrokenPipeError):
-            chunk = b""
-        if not chunk:
-            self.eof = True
-            return False
-        self.buf += chunk
-        return True
-
-    def response(self, head_only=False):
-        """The next response, or None when the server closed the connection
-        before sending one. Every header line must be a well-formed field."""
-        while b"\r\n\r\n" not in self.buf:
-            if not self._fill():
-                assert not self.buf, "connection closed inside a response: %r" % self.buf[:300]
-                return None
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        assert re.fullmatch(rb"[\t\x20-\x7e\r\n\x80-\xff]*", head), "control byte in response head: %r" % head
-        lines = head.split(b"\r\n")
-        m = re.fullmatch(rb"HTTP/1\.1 (\d{3}) [^\r\n]*", lines[0])
-        assert m, lines[0]
-        headers = []
-        for line in lines[1:]:
-            assert b"\r" not in line and b"\n" not in line, line
-            name, sep, value = line.decode("latin-1").partition(":")
-            assert sep and FIELD_NAME_RE.fullmatch(name), "malformed response header line %r" % line
-            headers.append((name, value.strip()))
-        r = Response(int(m.group(1)), headers, b"")
-        r.head = head
-        if not head_only:
-            n = int(r.headers.get("content-length", "0"))
-            while len(self.buf) < n:
-                assert self._fill(), "truncated body"
-            r.body, self.buf = self.buf[:n], self.buf[n:]
-        return r
-
-    def closed_by_server(self, timeout=5):
-        """True when the server closes the connection with nothing more to say."""
-        if self.buf:
-            return False
-        self.sock.settimeout(timeout)
-        try:
-            return self.sock.recv(1) == b""
-        except socket.timeout:
-            return False
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-
-    def close(self):
-        self.sock.close()
-
-
-def raw_request(port, data, head_only=False):
-    c = Raw(port)
-    try:
-        c.send(data)
-        return c.response(head_only)
-    finally:
-        c.close()
-
-
-def raw_get(port, path, cookie=None, extra=b""):
+def raw_get(port, path, cookie=None):
     data = b"GET " + path.encode() + b" HTTP/1.1\r\nHost: example.test\r\n"
     if cookie is not None:
         data += b"Cookie: authToken=" + cookie.encode("utf-8") + b"\r\n"
-    return raw_request(port, data + extra + b"Connection: close\r\n\r\n")
+    return raw_request(port, data + b"Connection: close\r\n\r\n")
 
 
 def json_login(server, name, password, headers=None):
@@ -156,14 +67,6 @@ def form_login(server, name, password, rd=None, headers=None):
     h = {"Content-Type": "application/x-www-form-urlencoded"}
     h.update(headers or {})
     return server.request("POST", PREFIX + "/login", headers=h, body=urllib.parse.urlencode(fields).encode())
-
-
-def proc_status(pid, field):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError("no %s in /proc/%d/status" % (field, pid))
 
 
 @pytest.fixture(scope="module")
@@ -180,34 +83,11 @@ def srv(tmp_path_factory):
 #    server stays well, and a valid token still works afterwards.
 # ===========================================================================
 
-def b64u(data):
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def b64d(text):
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def compact(obj):
-    return json.dumps(obj, separators=(",", ":")).encode()
-
-
-HS256_HEADER = {"alg": "HS256", "typ": "JWT"}
 PUBLIC_KEY_PEM = (
     "-----BEGIN PUBLIC KEY-----\n"
     "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEEVs/o5+uQbTjL3chynL4wXgUg2R9\n"
     "q9UU8I5mEovUf86QZ7kOBIjJwqnzD1omageEHWwHdBO6B+dFabmdT9POxg==\n"
     "-----END PUBLIC KEY-----\n")
-
-
-def mk(header, payload, key=SECRET, digest=hashlib.sha256, sig=None):
-    """A JWT built by hand: header/payload are objects or raw JSON bytes."""
-    h = header if isinstance(header, bytes) else compact(header)
-    p = payload if isinstance(payload, bytes) else compact(payload)
-    signing = b64u(h) + "." + b64u(p)
-    if sig is None:
-        sig = hmac.new(key.encode() if isinstance(key, str) else key, signing.encode(), digest).digest()
-    return signing + "." + b64u(sig)
 
 
 class TokenContext:
@@ -224,13 +104,13 @@ class TokenContext:
         return c
 
     def signed(self, drop=(), **changes):
-        return mk(HS256_HEADER, self.claims_with(drop, **changes))
+        return forge_jwt(HS256_HEADER, self.claims_with(drop, **changes))
 
     def payload_json(self, drop=(), **changes):
         return compact(self.claims_with(drop, **changes))
 
     def with_header(self, header, key=SECRET, digest=hashlib.sha256):
-        return mk(header, self.claims, key=key, digest=digest)
+        return forge_jwt(header, self.claims, key=key, digest=digest)
 
     def part(self, i, new):
         parts = self.valid.split(".")
@@ -239,7 +119,7 @@ class TokenContext:
 
 
 def flip_bit(ctx, i):
-    raw = bytearray(b64d(ctx.valid.split(".")[i]))
+    raw = bytearray(b64u_decode(ctx.valid.split(".")[i]))
     raw[len(raw) // 2] ^= 0x04
     return ctx.part(i, b64u(bytes(raw)))
 
@@ -283,26 +163,28 @@ def raw_payload(ctx, text):
 
 
 DAY = 86400
+KEYS = [SECRET.encode()]
 TOKEN_CORPUS = [
     # --- alg confusion ----------------------------------------------------------
-    ("alg_none", lambda t: mk({"alg": "none", "typ": "JWT"}, t.claims, sig=b"")),
-    ("alg_None", lambda t: mk({"alg": "None", "typ": "JWT"}, t.claims, sig=b"")),
-    ("alg_NONE", lambda t: mk({"alg": "NONE", "typ": "JWT"}, t.claims, sig=b"")),
-    ("alg_nOnE", lambda t: mk({"alg": "nOnE", "typ": "JWT"}, t.claims, sig=b"")),
-    ("alg_none_two_parts", lambda t: mk({"alg": "none"}, t.claims, sig=b"").rstrip(".")),
+    ("alg_none", lambda t: forge_jwt({"alg": "none", "typ": "JWT"}, t.claims, sig=b"")),
+    ("alg_None", lambda t: forge_jwt({"alg": "None", "typ": "JWT"}, t.claims, sig=b"")),
+    ("alg_NONE", lambda t: forge_jwt({"alg": "NONE", "typ": "JWT"}, t.claims, sig=b"")),
+    ("alg_nOnE", lambda t: forge_jwt({"alg": "nOnE", "typ": "JWT"}, t.claims, sig=b"")),
+    ("alg_none_two_parts", lambda t: forge_jwt({"alg": "none"}, t.claims, sig=b"").rstrip(".")),
     ("alg_none_with_hs256_signature", lambda t: t.with_header({"alg": "none", "typ": "JWT"})),
     ("alg_HS384", lambda t: t.with_header({"alg": "HS384", "typ": "JWT"}, digest=hashlib.sha384)),
     ("alg_HS512", lambda t: t.with_header({"alg": "HS512", "typ": "JWT"}, digest=hashlib.sha512)),
+    ("alg_HS384_header_HS256_signature", lambda t: t.with_header({"alg": "HS384", "typ": "JWT"})),
     ("alg_hs256_lowercase", lambda t: t.with_header({"alg": "hs256", "typ": "JWT"})),
     ("alg_missing", lambda t: t.with_header({"typ": "JWT"})),
     ("alg_null", lambda t: t.with_header({"alg": None, "typ": "JWT"})),
     ("alg_list", lambda t: t.with_header({"alg": ["HS256"], "typ": "JWT"})),
-    ("alg_RS256_random_signature", lambda t: mk({"alg": "RS256", "typ": "JWT"}, t.claims, sig=os.urandom(256))),
+    ("alg_RS256_random_signature", lambda t: forge_jwt({"alg": "RS256", "typ": "JWT"}, t.claims, sig=os.urandom(256))),
     ("alg_RS256_hmac_signed_with_secret", lambda t: t.with_header({"alg": "RS256", "typ": "JWT"})),
     ("alg_RS256_hmac_signed_with_public_key", lambda t: t.with_header({"alg": "RS256", "typ": "JWT"}, key=PUBLIC_KEY_PEM)),
     ("alg_HS256_signed_with_public_key", lambda t: t.with_header(HS256_HEADER, key=PUBLIC_KEY_PEM)),
-    ("alg_ES256_random_signature", lambda t: mk({"alg": "ES256", "typ": "JWT"}, t.claims, sig=os.urandom(64))),
-    ("alg_PS256_random_signature", lambda t: mk({"alg": "PS256", "typ": "JWT"}, t.claims, sig=os.urandom(256))),
+    ("alg_ES256_random_signature", lambda t: forge_jwt({"alg": "ES256", "typ": "JWT"}, t.claims, sig=os.urandom(64))),
+    ("alg_PS256_random_signature", lambda t: forge_jwt({"alg": "PS256", "typ": "JWT"}, t.claims, sig=os.urandom(256))),
     ("typ_JWE", lambda t: t.with_header({"alg": "HS256", "typ": "JWE"})),
     # --- extra header fields, each correctly signed ---------------------------------
     ("kid_signed", lambda t: t.with_header(dict(HS256_HEADER, kid="1"))),
@@ -315,27 +197,28 @@ TOKEN_CORPUS = [
                                                     key=b"k" * 32)),
     ("crit_exp_signed", lambda t: t.with_header(dict(HS256_HEADER, crit=["exp"]))),
     ("crit_empty_signed", lambda t: t.with_header(dict(HS256_HEADER, crit=[]))),
-    ("crit_b64_unencoded_payload", lambda t: mk(dict(HS256_HEADER, b64=False, crit=["b64"]), t.claims)),
-    ("zip_deflate_payload", lambda t: mk(dict(HS256_HEADER, zip="DEF"), zlib.compress(compact(t.claims)))),
-    ("header_duplicate_alg", lambda t: mk(b'{"alg":"none","alg":"HS256","typ":"JWT"}', t.claims)),
-    ("header_duplicate_alg_reversed", lambda t: mk(b'{"alg":"HS256","typ":"JWT","alg":"none"}', t.claims)),
-    ("header_is_array", lambda t: mk(b'["HS256"]', t.claims)),
-    ("header_not_json", lambda t: mk(b'{alg:HS256}', t.claims)),
-    ("header_json_bomb", lambda t: mk(('{"alg":"HS256","typ":"JWT","x":%s}' % nested(1300)).encode(), t.claims)),
+    ("crit_b64_unencoded_payload", lambda t: forge_jwt(dict(HS256_HEADER, b64=False, crit=["b64"]), t.claims)),
+    ("zip_deflate_payload", lambda t: forge_jwt(dict(HS256_HEADER, zip="DEF"), zlib.compress(compact(t.claims)))),
+    ("header_duplicate_alg", lambda t: forge_jwt(b'{"alg":"none","alg":"HS256","typ":"JWT"}', t.claims)),
+    ("header_duplicate_alg_reversed", lambda t: forge_jwt(b'{"alg":"HS256","typ":"JWT","alg":"none"}', t.claims)),
+    ("header_is_array", lambda t: forge_jwt(b'["HS256"]', t.claims)),
+    ("header_not_json", lambda t: forge_jwt(b'{alg:HS256}', t.claims)),
+    ("header_json_bomb", lambda t: forge_jwt(('{"alg":"HS256","typ":"JWT","x":%s}' % nested(1300)).encode(), t.claims)),
     # --- claims, each correctly signed ------------------------------------------------
-    ("payload_duplicate_sub_last_valid", lambda t: mk(HS256_HEADER, dup_payload(t, "sub", "nobody", first=True))),
-    ("payload_duplicate_sub_first_valid", lambda t: mk(HS256_HEADER, dup_payload(t, "sub", "nobody", first=False))),
-    ("payload_duplicate_exp", lambda t: mk(HS256_HEADER, dup_payload(t, "exp", 1, first=False))),
-    ("payload_duplicate_pwh", lambda t: mk(HS256_HEADER, dup_payload(t, "pwh", "x", first=True))),
+    ("payload_duplicate_sub_last_valid", lambda t: forge_jwt(HS256_HEADER, dup_payload(t, "sub", "nobody", first=True))),
+    ("payload_duplicate_sub_first_valid", lambda t: forge_jwt(HS256_HEADER, dup_payload(t, "sub", "nobody", first=False))),
+    ("payload_duplicate_exp", lambda t: forge_jwt(HS256_HEADER, dup_payload(t, "exp", 1, first=False))),
+    ("payload_duplicate_pwh", lambda t: forge_jwt(HS256_HEADER, dup_payload(t, "pwh", "x", first=True))),
     ("exp_string", lambda t: t.signed(exp=str(t.now + 3600))),
     ("exp_float", lambda t: t.signed(exp=t.now + 3600.5)),
     ("exp_float_integral", lambda t: t.signed(exp=float(t.now + 3600))),
     ("exp_huge", lambda t: t.signed(exp=10 ** 30)),
+    ("exp_float_1e300", lambda t: t.signed(exp=1e300)),
     ("exp_2_pow_63", lambda t: t.signed(exp=2 ** 63)),
     ("exp_2800_digits", lambda t: t.signed(exp=10 ** 2800)),
-    ("exp_1e400_is_inf", lambda t: mk(HS256_HEADER, raw_payload(t, '"exp":1e400').replace(b'"exp":%d,' % t.claims["exp"], b""))),
-    ("exp_Infinity", lambda t: mk(HS256_HEADER, raw_payload(t, '"exp":Infinity').replace(b'"exp":%d,' % t.claims["exp"], b""))),
-    ("exp_NaN", lambda t: mk(HS256_HEADER, raw_payload(t, '"exp":NaN').replace(b'"exp":%d,' % t.claims["exp"], b""))),
+    ("exp_1e400_is_inf", lambda t: forge_jwt(HS256_HEADER, raw_payload(t, '"exp":1e400').replace(b'"exp":%d,' % t.claims["exp"], b""))),
+    ("exp_Infinity", lambda t: forge_jwt(HS256_HEADER, raw_payload(t, '"exp":Infinity').replace(b'"exp":%d,' % t.claims["exp"], b""))),
+    ("exp_NaN", lambda t: forge_jwt(HS256_HEADER, raw_payload(t, '"exp":NaN').replace(b'"exp":%d,' % t.claims["exp"], b""))),
     ("exp_negative", lambda t: t.signed(exp=-1)),
     ("exp_zero", lambda t: t.signed(exp=0)),
     ("exp_true", lambda t: t.signed(exp=True)),
@@ -348,9 +231,12 @@ TOKEN_CORPUS = [
     ("iat_future", lambda t: t.signed(iat=t.now + DAY, auth_time=t.now)),
     ("iat_string", lambda t: t.signed(iat=str(t.now))),
     ("iat_missing", lambda t: t.signed(drop=["iat"])),
+    ("iat_negative", lambda t: t.signed(iat=-1)),
     ("auth_time_future", lambda t: t.signed(auth_time=t.now + DAY)),
     ("auth_time_past_max_age", lambda t: t.signed(auth_time=t.now - 31 * DAY)),
     ("auth_time_missing", lambda t: t.signed(drop=["auth_time"])),
+    ("auth_time_string", lambda t: t.signed(auth_time="x")),
+    ("auth_time_null", lambda t: t.signed(auth_time=None)),
     ("pwh_wrong", lambda t: t.signed(pwh="AAAAAAAAAAAA")),
     ("pwh_missing", lambda t: t.signed(drop=["pwh"])),
     ("pwh_int", lambda t: t.signed(pwh=1)),
@@ -358,6 +244,7 @@ TOKEN_CORPUS = [
     ("sub_missing", lambda t: t.signed(drop=["sub"])),
     ("sub_nonexistent_user", lambda t: t.signed(sub="mallory")),
     ("sub_empty", lambda t: t.signed(sub="")),
+    ("sub_with_colon", lambda t: t.signed(sub="a:b")),
     ("sub_int", lambda t: t.signed(sub=0)),
     ("sub_null", lambda t: t.signed(sub=None)),
     ("sub_list", lambda t: t.signed(sub=["alice"])),
@@ -366,15 +253,15 @@ TOKEN_CORPUS = [
     ("sub_trailing_space", lambda t: t.signed(sub="alice ")),
     ("sub_nul", lambda t: t.signed(sub="alice\x00")),
     ("sub_unicode_lookalike", lambda t: t.signed(sub="аlice")),  # Cyrillic а
-    ("payload_array", lambda t: mk(HS256_HEADER, compact([t.claims]))),
-    ("payload_string", lambda t: mk(HS256_HEADER, b'"alice"')),
-    ("payload_null", lambda t: mk(HS256_HEADER, b"null")),
-    ("payload_number", lambda t: mk(HS256_HEADER, b"1")),
-    ("payload_not_json", lambda t: mk(HS256_HEADER, b"{not json")),
-    ("payload_bad_utf8", lambda t: mk(HS256_HEADER, t.payload_json().replace(b'"alice"', b'"alice\xff"'))),
-    ("payload_json_bomb_arrays", lambda t: mk(HS256_HEADER, raw_payload(t, '"x":' + nested(1300)))),
-    ("payload_json_bomb_objects", lambda t: mk(HS256_HEADER, raw_payload(t, '"x":' + '{"a":' * 700 + "1" + "}" * 700))),
-    ("payload_json_bomb_unsigned", lambda t: mk(HS256_HEADER, nested(1400).encode(), sig=b"x" * 32)),
+    ("payload_array", lambda t: forge_jwt(HS256_HEADER, compact([t.claims]))),
+    ("payload_string", lambda t: forge_jwt(HS256_HEADER, b'"alice"')),
+    ("payload_null", lambda t: forge_jwt(HS256_HEADER, b"null")),
+    ("payload_number", lambda t: forge_jwt(HS256_HEADER, b"1")),
+    ("payload_not_json", lambda t: forge_jwt(HS256_HEADER, b"{not json")),
+    ("payload_bad_utf8", lambda t: forge_jwt(HS256_HEADER, t.payload_json().replace(b'"alice"', b'"alice\xff"'))),
+    ("payload_json_bomb_arrays", lambda t: forge_jwt(HS256_HEADER, raw_payload(t, '"x":' + nested(1300)))),
+    ("payload_json_bomb_objects", lambda t: forge_jwt(HS256_HEADER, raw_payload(t, '"x":' + '{"a":' * 700 + "1" + "}" * 700))),
+    ("payload_json_bomb_unsigned", lambda t: forge_jwt(HS256_HEADER, nested(1400).encode(), sig=b"x" * 32)),
     # --- encoding and shape -------------------------------------------------------------
     ("padding_on_header", lambda t: t.part(0, t.valid.split(".")[0] + "=")),
     ("padding_on_payload", lambda t: t.part(1, t.valid.split(".")[1] + "==")),
@@ -384,15 +271,16 @@ TOKEN_CORPUS = [
     ("tab_inside_signature", lambda t: t.part(2, t.valid.split(".")[2][:20] + "\t" + t.valid.split(".")[2][20:])),
     ("space_inside_payload", lambda t: t.part(1, t.valid.split(".")[1][:10] + " " + t.valid.split(".")[1][10:])),
     ("space_around_dots", lambda t: t.valid.replace(".", " . ")),
+    ("invalid_chars_in_header", lambda t: t.part(0, "!!!" + t.valid.split(".")[0])),
     ("invalid_char_in_signature", lambda t: t.part(2, t.valid.split(".")[2][:20] + "*" + t.valid.split(".")[2][21:])),
     ("non_ascii_in_payload", lambda t: t.part(1, "é" + t.valid.split(".")[1])),
     ("signature_empty", lambda t: t.part(2, "")),
-    ("signature_truncated_to_16_bytes", lambda t: t.part(2, b64u(b64d(t.valid.split(".")[2])[:16]))),
-    ("signature_truncated_to_1_byte", lambda t: t.part(2, b64u(b64d(t.valid.split(".")[2])[:1]))),
-    ("signature_extended", lambda t: t.part(2, b64u(b64d(t.valid.split(".")[2]) + b"\0"))),
+    ("signature_truncated_to_16_bytes", lambda t: t.part(2, b64u(b64u_decode(t.valid.split(".")[2])[:16]))),
+    ("signature_truncated_to_1_byte", lambda t: t.part(2, b64u(b64u_decode(t.valid.split(".")[2])[:1]))),
+    ("signature_extended", lambda t: t.part(2, b64u(b64u_decode(t.valid.split(".")[2]) + b"\0"))),
     ("signature_of_another_token", lambda t: t.part(2, t.signed(sub="bob").split(".")[2])),
-    ("signature_with_wrong_secret", lambda t: mk(HS256_HEADER, t.claims, key="not-the-secret-but-32-characters-long")),
-    ("signature_with_empty_secret", lambda t: mk(HS256_HEADER, t.claims, key="")),
+    ("signature_with_wrong_secret", lambda t: forge_jwt(HS256_HEADER, t.claims, key="not-the-secret-but-32-characters-long")),
+    ("signature_with_empty_secret", lambda t: forge_jwt(HS256_HEADER, t.claims, key="")),
     ("flip_bit_header", lambda t: flip_bit(t, 0)),
     ("flip_bit_payload", lambda t: flip_bit(t, 1)),
     ("flip_bit_signature", lambda t: flip_bit(t, 2)),
@@ -419,23 +307,33 @@ def tokens(srv):
 
 def test_token_controls_are_accepted(srv, tokens):
     """The corpus is built from tokens that work: the real one, the same claims
-    re-signed by hand, and a 4096-character one (so 4097 is refused for its length)."""
+    re-signed by hand, and a 4096-character one (so 4097 is refused for its length);
+    a claim authd does not know is ignored."""
     assert srv.auth(tokens.valid).status == 200
     assert srv.auth(tokens.signed()).status == 200
-    assert srv.auth(mk(HS256_HEADER, tokens.claims)).status == 200
+    assert srv.auth(tokens.signed(extra={"deep": [1, 2]})).status == 200
     assert srv.auth(token_of_length(tokens, 4096)).status == 200
     assert srv.auth(tokens.valid, path=PREFIX + "/admin").status == 200
+
+
+# Signed, well-formed tokens that only the users file or the settings (expiry, max age) refuse.
+REFUSED_AFTER_DECODING = {"sub_nonexistent_user", "sub_unicode_lookalike", "pwh_wrong", "auth_time_past_max_age",
+                          "exp_huge", "exp_2_pow_63", "exp_2800_digits", "exp_beyond_expiry_setting"}
 
 
 @pytest.mark.parametrize("name", list(TOKEN_BUILDERS))
 def test_hostile_token_is_refused(srv, tokens, name):
     token = TOKEN_BUILDERS[name](tokens)
     assert token != tokens.valid
+    decoded = A.decode_token(token, KEYS, int(time.time()))
+    assert (decoded is not None) == (name in REFUSED_AFTER_DECODING), decoded
     for path in (PREFIX + "/auth", PREFIX + "/admin", PREFIX + "/auth?group=admin"):
         r = raw_get(srv.port, path, cookie=token)
-        assert r.status == 401, (name, path, r)
+        assert r.status == 401 and r.body == b"", (name, path, r)
         assert "x-auth-user" not in r.headers
-        for value in r.header_values("set-cookie"):
+        clears = r.header_values("set-cookie")
+        assert clears or not token, "a cookie that was present but invalid must be cleared"
+        for value in clears:
             assert value.startswith("authToken=;"), "a refused token must only ever clear the cookie: %r" % value
     # the whoami page and the login page do not take it either
     r = raw_get(srv.port, PREFIX + "/", cookie=token)
@@ -452,7 +350,6 @@ def test_hostile_token_is_refused(srv, tokens, name):
 # ===========================================================================
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-KEYS = [SECRET.encode()]
 NOW = 1_700_000_000
 B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 names = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zs", "Zl", "Zp"),
@@ -481,7 +378,7 @@ def test_fuzz_decode_token_never_raises(token):
 def test_fuzz_decode_token_signed_junk(payload, how):
     """Correctly signed arbitrary JSON: no exception, and whatever is accepted has the shape authd relies on."""
     claims = dict(payload, **{"exp": NOW + 10}) if how == 1 and isinstance(payload, dict) else payload
-    token = mk(HS256_HEADER, compact(claims)) if how != 2 else mk(HS256_HEADER, compact(claims)).replace("J9", "J8", 1)
+    token = forge_jwt(HS256_HEADER, compact(claims)) if how != 2 else forge_jwt(HS256_HEADER, compact(claims)).replace("J9", "J8", 1)
     result = A.decode_token(token, KEYS, NOW)
     if result is not None:
         assert A.valid_name(result["sub"]) and all(type(result[k]) is int for k in ("iat", "exp", "auth_time"))
@@ -626,6 +523,10 @@ def lands_on_same_site(target):
 @example("/%2F%2Fevil.example")
 @example("/\u2028\u2029\x85")
 @example("/\uff0f\uff0fevil.example")
+@example("/\u2044\u2044evil")
+@example("/ /evil")
+@example("/%0d%0a")
+@example("/?//evil")
 def test_fuzz_return_target_stays_on_site(target):
     result = A.safe_target(target)
     assert isinstance(result, str) and result.startswith("/")
@@ -758,6 +659,13 @@ def test_fuzz_request_head_round_trip(method, target, headers):
     assert request.path + ("?" + request.query if "?" in target else "") == target
 
 
+def client_ip(peer, headers):
+    """The client address authd sees in a request from PEER with HEADERS."""
+    request = A.Request()
+    request.peer, request.headers = peer, headers
+    return request.client_ip()
+
+
 public_ips = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).filter(
     lambda ip: not ip.is_loopback and not (ip.version == 6 and ip.ipv4_mapped and ip.ipv4_mapped.is_loopback))
 
@@ -766,21 +674,28 @@ public_ips = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).filter(
 @given(public_ips, st.dictionaries(st.sampled_from(["x-real-ip", "x-original-remote-addr", "x-forwarded-for"]),
                                    st.sampled_from(["1.2.3.4", "127.0.0.1", "::1", "garbage", ""])))
 def test_fuzz_client_address_ignores_headers_from_non_loopback_peer(peer, headers):
-    request = A.Request()
-    request.peer, request.headers = str(peer), headers
-    assert request.client_ip() == str(peer)
+    assert client_ip(str(peer), headers) == str(peer)
 
 
 @FUZZ
 @given(st.text(max_size=80))
 @example("fe80::1%eth0 user=\"x\"")
+@example(" ::ffff:127.0.0.2 ")
 def test_fuzz_client_address_from_loopback_is_an_address(claimed):
-    request = A.Request()
-    request.peer, request.headers = "127.0.0.1", {"x-real-ip": claimed}
-    address = request.client_ip()
-    assert address == "127.0.0.1" or str(ipaddress.ip_address(address)) == address
+    """From nginx (a loopback peer) the client is the address X-Real-IP names, or
+    the peer when it names none: never free text."""
+    address = client_ip("127.0.0.1", {"x-real-ip": claimed})
+    try:
+        named = str(ipaddress.ip_address(claimed.strip().split("%", 1)[0]))
+    except ValueError:
+        named = None
+    assert address == (named or "127.0.0.1")
     assert re.fullmatch(r"[0-9A-Fa-f:.]+", address), "a log line or rate-limit key must not take free text: %r" % address
-    assert A.host_name(claimed) is not None and A.is_loopback(claimed) in (True, False)
+    # the helpers that read such text only ever cut it, and free text is no loopback peer
+    assert A.host_name(claimed) in claimed.strip().lower()
+    if claimed and A.is_loopback(claimed):
+        ip = ipaddress.ip_address(claimed.split("%", 1)[0])
+        assert ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped and ip.ipv4_mapped.is_loopback), claimed
 
 
 def test_client_address_trusts_forwarded_headers_only_from_loopback():
@@ -790,9 +705,7 @@ def test_client_address_trusts_forwarded_headers_only_from_loopback():
     for peer, expected in cases:
         for headers in ({"x-real-ip": "198.51.100.7"}, {"x-original-remote-addr": "198.51.100.7"},
                         {"x-original-remote-addr": "198.51.100.7", "x-real-ip": "198.51.100.7"}):
-            request = A.Request()
-            request.peer, request.headers = peer, headers
-            assert request.client_ip() == expected, (peer, headers)
+            assert client_ip(peer, headers) == expected, (peer, headers)
 
 
 # ===========================================================================
@@ -805,17 +718,11 @@ def test_rate_limit_counts_failures_across_user_names(authd):
         assert json_login(a, name, "wrong").status == 401
     r = json_login(a, "alice", ALICE_PW)
     assert r.status == 429 and r.cookie() is None, "the right password must not get through (or be told apart)"
-    assert 1 <= int(r.headers["retry-after"]) <= 60
+    assert 1 <= int(r.headers["retry-after"]) <= 60 and r.headers.get("cache-control") == "no-store"
     r = form_login(a, "bob", BOB_PW)
     assert r.status == 429 and r.cookie() is None and "retry-after" in r.headers
-    assert "login rate limit hit from 127.0.0.1" in a.log()
+    a.wait_log(r"login rate limit hit from 127\.0\.0\.1")
     no_internal_errors(a)
-
-
-def test_rate_limit_refunds_successful_logins(authd):
-    a = authd(users=USERS, env={"AUTH_LOGIN_RATE": "3/60"})
-    for _ in range(10):
-        assert json_login(a, "alice", ALICE_PW).status == 200
 
 
 def test_forwarded_client_address_from_loopback_peer(authd):
@@ -829,8 +736,8 @@ def test_forwarded_client_address_from_loopback_peer(authd):
     assert json_login(a, "bob", BOB_PW, headers={"X-Original-Remote-Addr": "203.0.113.5"}).status == 429
     assert json_login(a, "alice", "wrong", headers={"X-Real-IP": "203.0.113.6"}).status == 401
     assert json_login(a, "alice", "wrong").status == 401  # the peer itself: yet another budget
-    assert re.search(r'login failed from 203\.0\.113\.6 user="alice"', a.log())
-    assert re.search(r'login failed from 127\.0\.0\.1 user="alice"', a.log())
+    a.wait_log(r'login failed from 203\.0\.113\.6 user="alice"')
+    a.wait_log(r'login failed from 127\.0\.0\.1 user="alice"')
 
 
 def test_ipv6_clients_are_limited_per_64(authd):
@@ -871,35 +778,30 @@ def test_per_user_name_limit_from_many_addresses_expires(authd):
     assert r.status == 429 and r.cookie() is None
     assert 1 <= int(r.headers["retry-after"]) <= 3
     assert json_login(a, "bob", BOB_PW, headers={"X-Real-IP": "192.0.2.201"}).status == 200
-    deadline = time.monotonic() + 30
-    status = None
-    while time.monotonic() < deadline:
+
+    def owner_gets_in():
         status = json_login(a, "alice", ALICE_PW, headers={"X-Real-IP": "192.0.2.202"}).status
-        if status == 200:
-            break
-        assert status == 429
-        time.sleep(0.5)
-    assert status == 200, "the owner is locked out for good"
-
-
-def test_rate_limiter_memory_is_bounded():
-    """200,000 distinct addresses: the table stays at its cap, in bounded memory."""
-    limiter = A.RateLimiter(15, 900)
-    now = time.time()
-    for i in range(200_000):
-        assert limiter.hit("10.%d.%d.%d" % (i >> 16, (i >> 8) & 255, i & 255), now) == 0
-    assert len(limiter.entries) <= limiter.max_keys < 200_000
-    held = sys.getsizeof(limiter.entries) + sum(sys.getsizeof(k) + sys.getsizeof(v) + sum(map(sys.getsizeof, v))
-                                                for k, v in limiter.entries.items())
-    assert held < 64 << 20, "rate limiter holds %d MiB" % (held >> 20)
-    # the newest addresses are the ones kept; an evicted one starts afresh
-    assert "10.3.13.63" in limiter.entries and "10.0.0.0" not in limiter.entries
+        assert status in (200, 429), status
+        return status == 200
+    wait_until(owner_gets_in, timeout=30, what="the owner to get in after the window (locked out for good?)",
+               interval=0.2)
 
 
 def test_app_rate_limiters_are_bounded(tmp_path):
+    """200,000 distinct client addresses (and as many user names): each of the app's
+    login limiters stays at its cap, in bounded memory."""
     app = make_app(tmp_path / "users.txt")
+    now = time.time()
+    keys = ["10.%d.%d.%d" % (i >> 16, (i >> 8) & 255, i & 255) for i in range(200_000)]
     for limiter in (app.address_limits, app.name_limits):
-        assert isinstance(limiter, A.RateLimiter) and limiter.max_keys <= 10 ** 6
+        for key in keys:
+            assert limiter.hit(key, now) == 0
+        assert len(limiter.entries) <= limiter.max_keys < 200_000
+        held = sys.getsizeof(limiter.entries) + sum(sys.getsizeof(k) + sys.getsizeof(v) + sum(map(sys.getsizeof, v))
+                                                    for k, v in limiter.entries.items())
+        assert held < 64 << 20, "rate limiter holds %d MiB" % (held >> 20)
+        # the newest addresses are the ones kept; an evicted one starts afresh
+        assert "10.3.13.63" in limiter.entries and "10.0.0.0" not in limiter.entries
 
 
 def make_app(users_path, environ=None):
@@ -913,28 +815,10 @@ def make_app(users_path, environ=None):
     return A.App(settings, [SECRET.encode()], store)
 
 
-@pytest.fixture
-def count_scrypt(monkeypatch):
-    """Replace hashlib.scrypt with a recorder (returns zeros: every check fails)."""
-    calls, lock, state = [], threading.Lock(), {"now": 0, "peak": 0}
-
-    def fake(password, *, salt, n, r, p, maxmem=0, dklen=64):
-        with lock:
-            calls.append((n, r, p, dklen))
-            state["now"] += 1
-            state["peak"] = max(state["peak"], state["now"])
-        time.sleep(fake.sleep)
-        with lock:
-            state["now"] -= 1
-        return b"\0" * dklen
-
-    fake.sleep = 0.0
-    monkeypatch.setattr(A.hashlib, "scrypt", fake)
-    fake.calls, fake.state = calls, state
-    return fake
-
-
-def test_unknown_and_known_user_names_take_the_same_path(tmp_path, count_scrypt):
+def test_unknown_and_known_user_names_take_the_same_path(tmp_path, monkeypatch):
+    calls = []  # hashlib.scrypt replaced by a recorder (returns zeros: every check fails)
+    monkeypatch.setattr(A.hashlib, "scrypt", lambda password, *, salt, n, r, p, maxmem=0, dklen=64:
+                        calls.append((n, r, p, dklen)) or b"\0" * dklen)
     default = "$scrypt$ln=%d,r=%d,p=%d$%s$%s" % (A.SCRYPT_LN, A.SCRYPT_R, A.SCRYPT_P,
                                                  A._b64_encode(b"s" * 16), A._b64_encode(b"h" * 32))
     write_users(tmp_path / "users.txt", ["carol:%s" % default, "dave:%s:admin" % default])
@@ -942,38 +826,18 @@ def test_unknown_and_known_user_names_take_the_same_path(tmp_path, count_scrypt)
     attempts = [("carol", "guess"), ("dave", "guess"), ("nobody", "guess"), ("", "guess"), ("x" * 65, "guess"),
                 ("a:b", "guess"), ("carol\n", "guess"), ("Carol", "guess")]
     for name, password in attempts:
-        before = len(count_scrypt.calls)
+        before = len(calls)
         assert app.check_password(name, password) is None
-        assert count_scrypt.calls[before:] == [(2 ** A.SCRYPT_LN, A.SCRYPT_R, A.SCRYPT_P, 32)], name
-
-
-def test_at_most_two_hashes_at_once_unit(tmp_path, count_scrypt):
-    count_scrypt.sleep = 0.05
-    write_users(tmp_path / "users.txt", ["carol:" + fast_hash("pw")])
-    app = make_app(tmp_path / "users.txt")
-    threads = [threading.Thread(target=app.check_password, args=(name, "x")) for name in ["carol", "nobody"] * 10]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert len(count_scrypt.calls) == 20
-    assert count_scrypt.state["peak"] <= 2
+        assert calls[before:] == [(2 ** A.SCRYPT_LN, A.SCRYPT_R, A.SCRYPT_P, 32)], name
 
 
 # ===========================================================================
 # 4. Resource exhaustion
 # ===========================================================================
 
-@pytest.fixture(scope="module")
-def many_fds():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 4096
-    if soft < want:
-        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-    need(resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 2500, "needs 2500 file descriptors (ulimit -n)")
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+@pytest.fixture
+def many_fds(open_files):
+    need(open_files(4096) >= 2500, "needs 2500 file descriptors (ulimit -n)")
 
 
 def test_slow_loris_is_dropped_and_does_not_block_others(authd, many_fds):
@@ -1030,7 +894,7 @@ def test_slow_loris_is_dropped_and_does_not_block_others(authd, many_fds):
                 raise AssertionError("a slow-loris connection was still open after the header timeout")
             except ConnectionResetError:
                 pass
-        assert a.request("GET", PREFIX + "/healthz").status == 200
+        assert a.healthy()
     finally:
         for s in loris:
             s.close()
@@ -1113,9 +977,10 @@ def test_concurrent_logins_bounded_hashes_and_memory(authd):
     threads = [threading.Thread(target=one, args=(i,)) for i in range(50)]
     for t in threads:
         t.start()
-    # the hot path still answers while the hashes run
-    time.sleep(0.2)
-    assert a.request("GET", PREFIX + "/healthz").status == 200
+    # the hot path still answers while the hashes run (a hash holds 128 MiB)
+    wait_until(lambda: proc_status(pid, "VmRSS") - baseline > (SCRYPT_MIB << 10) // 2, timeout=60,
+               what="a hash to be running")
+    assert a.healthy()
     for t in threads:
         t.join(120)
     peak = proc_status(pid, "VmHWM") >> 10
@@ -1140,6 +1005,8 @@ def test_concurrent_logins_bounded_hashes_and_memory(authd):
     ("head 20 KiB in small fields", b"GET /__auth/healthz HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"a" * 1000) for i in range(20)) + b"\r\n", 431),
     ("cookie 17 KiB", b"GET /__auth/auth HTTP/1.1\r\nCookie: authToken=" + b"a" * 17000 + b"\r\n\r\n", 431),
     ("body 8 KiB + 1", b"POST /__auth/login HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 8193\r\n\r\n" + b" " * 8193, 413),
+    ("form body 8 KiB + 1", b"POST /__auth/login HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+     b"Content-Length: 8193\r\n\r\nusername=alice&password=" + b"x" * 8169, 413),
     ("Content-Length 10^12, no body", b"POST /__auth/login HTTP/1.1\r\nContent-Length: 1000000000000\r\n\r\n", 413),
     ("Content-Length on a GET, too big", b"GET /__auth/auth HTTP/1.1\r\nContent-Length: 100000\r\n\r\n", 413),
 ])
@@ -1152,7 +1019,7 @@ def test_size_caps(srv, what, data, status):
         assert r.headers.get("connection") == "close" and c.closed_by_server()
     finally:
         c.close()
-    assert srv.request("GET", PREFIX + "/healthz").status == 200
+    assert srv.healthy()
 
 
 def test_many_small_cookies_and_values_within_caps(srv, tokens):
@@ -1203,7 +1070,7 @@ def assert_not_desynced(port, data, statuses):
         c.send(data)
         r = c.response()
         assert r is not None, "no answer, connection dropped"
-        assert r.status in statuses, r
+        assert r.status in statuses and b"Traceback" not in r.body, r
         if r.headers.get("connection", "").lower() == "close":
             assert c.closed_by_server(), "said close, kept the connection open"
             return r
@@ -1222,6 +1089,7 @@ def assert_not_desynced(port, data, statuses):
     ("Content-Length +44", b"POST /__auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: +42\r\n\r\n" + SMUGGLED, {400}),
     ("Content-Length -1", b"POST /__auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n" + SMUGGLED, {400}),
     ("Content-Length 4_4", b"POST /__auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: 4_2\r\n\r\n" + SMUGGLED, {400}),
+    ("Content-Length not a number", b"POST /__auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", {400}),
     ("Content-Length 0x2c", b"POST /__auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: 0x2a\r\n\r\n" + SMUGGLED, {400}),
     ("Content-Length superscript two", b"POST /__auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\nab", {400}),
     ("Content-Length fullwidth one", b"POST /__auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: \xef\xbc\x91\r\n\r\na", {400}),
@@ -1241,6 +1109,8 @@ def assert_not_desynced(port, data, statuses):
     ("non-ASCII target", b"GET /__auth/\xff HTTP/1.1\r\nHost: x\r\n\r\n", {400}),
     ("space in target", b"GET /__auth/auth x HTTP/1.1\r\nHost: x\r\n\r\n", {400}),
     ("HTTP/0.9", b"GET /__auth/healthz\r\n\r\n", {400}),
+    ("not HTTP at all", b"HELLO\r\n\r\n", {400}),
+    ("HTTP/9.9", b"GET /__auth/healthz HTTP/9.9\r\n\r\n", {400, 505}),
     ("HTTP/1.1x", b"GET /__auth/healthz HTTP/1.1x\r\nHost: x\r\n\r\n", {400}),
     ("HTTP/2.0 on HTTP/1 framing", b"GET /__auth/healthz HTTP/2.0\r\nHost: x\r\n\r\n", {505}),
     ("NUL in a header", b"GET /__auth/healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", {400}),
@@ -1256,7 +1126,7 @@ def assert_not_desynced(port, data, statuses):
 ])
 def test_odd_http(srv, what, data, statuses):
     assert_not_desynced(srv.port, data, statuses)
-    assert srv.request("GET", PREFIX + "/healthz").status == 200
+    assert srv.healthy()
 
 
 def test_pipelined_requests_are_answered_in_order(srv):
@@ -1328,12 +1198,6 @@ def cli_command(args, cheap):
     return [sys.executable, "-c", CHEAP_CLI] + args if cheap else [sys.executable, str(AUTHD)] + args
 
 
-def cli_env():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTH_", "LISTEN_", "NOTIFY_"))}
-    env["AUTH_TOKEN_SECRET"] = SECRET
-    return env
-
-
 class UsersFileWorker:
     """Runs edits of one users file and kills them at random moments; after
     each, the file must be the complete old or the complete new version."""
@@ -1386,7 +1250,7 @@ class UsersFileWorker:
         else:
             args = [op, name, "--users", str(self.path), "--env", str(self.env_file)]
         proc = subprocess.Popen(cli_command(args, cheap), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, env=cli_env())
+                                stderr=subprocess.PIPE, env=clean_environ({"AUTH_TOKEN_SECRET": SECRET}))
         proc.stdin.write(b"new-password-%d\n" % self.counter)
         proc.stdin.close()
         return proc
@@ -1501,7 +1365,7 @@ def test_concurrent_adduser_both_land(tmp_path):
             name = "c%d_%d" % (round_, i)
             expected.add(name)
             p = subprocess.Popen(cli_command(["adduser", name, "--users", str(path), "--env", str(env_file)], False),
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_environ({"AUTH_TOKEN_SECRET": SECRET}))
             procs.append(p)
         for p in procs:
             out, err = p.communicate(b"pw\n", timeout=120)
@@ -1516,40 +1380,11 @@ def test_concurrent_adduser_both_land(tmp_path):
 # 7. Headers and cookies
 # ===========================================================================
 
-def cookie_attributes(set_cookie):
-    name_value, *attrs = [p.strip() for p in set_cookie.split(";")]
-    result = {}
-    for a in attrs:
-        k, _, v = a.partition("=")
-        result[k.lower()] = v
-    return name_value, result
-
-
-def test_cookie_attributes_by_default(tmp_path):
-    """With no AUTH_COOKIE_* settings at all: HttpOnly, SameSite=Lax, Path=/, Secure."""
-    wrapper = tmp_path / "python-without-cookie-settings"
-    wrapper.write_text("#!/bin/sh\nunset AUTH_COOKIE_SECURE AUTH_COOKIE_SAMESITE AUTH_COOKIE_DOMAIN\nexec %s \"$@\"\n"
-                       % sys.executable)
-    wrapper.chmod(0o755)
-    a = Authd(tmp_path, users=USERS, python=str(wrapper))
-    try:
-        r = json_login(a, "bob", BOB_PW)
-        assert r.status == 200
-        (value,) = r.header_values("set-cookie")
-        name_value, attrs = cookie_attributes(value)
-        assert name_value.startswith("authToken=") and len(name_value) > 20
-        assert "httponly" in attrs and "secure" in attrs
-        assert attrs.get("samesite") == "Lax" and attrs.get("path") == "/" and "domain" not in attrs
-        assert 0 < int(attrs["max-age"]) <= 7 * DAY
-    finally:
-        a.stop()
-
-
 def test_logout_and_refusal_clear_with_same_path_and_domain(authd):
     a = authd(users=USERS, env={"AUTH_COOKIE_DOMAIN": "example.test", "AUTH_COOKIE_SAMESITE": "Strict"})
     r = json_login(a, "bob", BOB_PW)
     (value,) = r.header_values("set-cookie")
-    _, issued = cookie_attributes(value)
+    _, _, issued = cookie_attrs(value)
     assert issued["domain"] == "example.test" and issued["path"] == "/" and issued["samesite"] == "Strict"
     token = r.cookie()
     clears = []
@@ -1559,9 +1394,9 @@ def test_logout_and_refusal_clear_with_same_path_and_domain(authd):
         clears.extend(out.header_values("set-cookie"))
     clears.extend(a.auth("garbage").header_values("set-cookie"))
     assert len(clears) == 4
-    for value in clears:
-        name_value, attrs = cookie_attributes(value)
-        assert name_value == "authToken="
+    for clear in clears:
+        name, value, attrs = cookie_attrs(clear)
+        assert (name, value) == ("authToken", "")
         assert attrs["path"] == issued["path"] and attrs["domain"] == issued["domain"]
         assert attrs.get("max-age") == "0" or "expires" in attrs
         assert "secure" in attrs and "httponly" in attrs
@@ -1596,22 +1431,12 @@ def test_no_injection_through_user_names(srv, name):
     assert r.status in (400, 401) and "x-injected" not in r.headers
     r = form_login(srv, name, "wrong")
     assert r.status in (400, 401) and b"<script>x" not in r.body
-    wait_until(lambda: srv.log()[mark:].count("login failed") >= 2, what="two log lines")
-    time.sleep(0.1)
-    new = srv.log()[mark:]
-    for line in new.splitlines():
+    # a last failure (a cheap one: a known user): its line comes after all the lines these two wrote
+    assert json_login(srv, "bob", "wrong").status == 401
+    wait_until(lambda: 'user="bob"' in srv.log()[mark:], what="the log line of the last failure")
+    new = [line for line in srv.log()[mark:].splitlines() if 'user="bob"' not in line]
+    for line in new:
         assert line.startswith("authd: "), "a log line made by the client: %r" % line
         assert "\x1b" not in line
-    failed = [l for l in new.splitlines() if "login failed" in l]
+    failed = [l for l in new if "login failed" in l]
     assert len(failed) == 2 and all(l.startswith('authd: login failed from 127.0.0.1 user="') for l in failed), failed
-
-
-def test_user_names_with_line_breaks_cannot_be_created(tmp_path):
-    env_file = tmp_path / "e.env"
-    env_file.write_text("")
-    path = write_users(tmp_path / "users.txt", ["root:" + fast_hash("x")])
-    for name in ["a\nb", "a\rb", "a\u2028b", "a\x85b", "a b", "a:b", "a,b", "", "#x"]:
-        r = subprocess.run(cli_command(["adduser", name, "--users", str(path), "--env", str(env_file)], True),
-                           input=b"pw\n", capture_output=True, env=cli_env(), timeout=60)
-        assert r.returncode != 0 and b"Traceback" not in r.stderr, (name, r.stderr)
-    assert path.read_text().count("\n") == 1

@@ -2,7 +2,6 @@
 guarantee (issue 11), and the login flood of the security review (issue 9,
 finding 3). Order of events, not durations, is what these tests assert."""
 import json
-import resource
 import selectors
 import socket
 import threading
@@ -11,18 +10,10 @@ import time
 import pytest
 
 import authd as A
-from conftest import fast_hash
+from conftest import Raw, fast_hash, proc_status
 
 PREFIX = "/__auth"
 CAROL_PW = "carol-password"
-
-
-def rss_kib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def login_bytes(name, password):
@@ -31,38 +22,24 @@ def login_bytes(name, password):
             b"Content-Length: %d\r\n\r\n" % len(body)) + body
 
 
-def read_status(sock):
-    """The status code of the next response on SOCK (whole response read)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed before a response: %r" % data
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    length = int(next((l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")),
-                      b"0"))
-    while len(rest) < length:
-        rest += sock.recv(65536)
-    return int(head.split(b" ")[1]), head
-
-
 class LoginFlood:
     """COUNT logins posted at once on COUNT connections; replies recorded in
     the order they arrive."""
 
     def __init__(self, port, count, name="carol", password=CAROL_PW):
         self.order, self.lock = [], threading.Lock()
-        self.socks = [socket.create_connection(("127.0.0.1", port), timeout=120) for _ in range(count)]
-        for s in self.socks:
-            s.sendall(login_bytes(name, password))
-        self.threads = [threading.Thread(target=self.wait, args=(s,), daemon=True) for s in self.socks]
+        self.conns = [Raw(port, timeout=120) for _ in range(count)]
+        for c in self.conns:
+            c.send(login_bytes(name, password))
+        self.threads = [threading.Thread(target=self.wait, args=(c,), daemon=True) for c in self.conns]
         for t in self.threads:
             t.start()
 
-    def wait(self, sock):
-        status, head = read_status(sock)
+    def wait(self, conn):
+        r = conn.response()
+        assert r is not None, "connection closed before a response"
         with self.lock:
-            self.order.append((status, head))
+            self.order.append((r.status, r.head))
 
     def done(self):
         with self.lock:
@@ -75,8 +52,8 @@ class LoginFlood:
     def join(self):
         for t in self.threads:
             t.join(120)
-        for s in self.socks:
-            s.close()
+        for c in self.conns:
+            c.close()
         return [status for status, _ in self.order]
 
 
@@ -131,33 +108,28 @@ def test_a_new_connection_that_sends_nothing_gets_the_header_timeout(authd):
     """Not the keep-alive idle timeout (issue 9, finding 9): a connection
     must start a request within AUTH_HEADER_TIMEOUT."""
     a = authd(users=[], env={"AUTH_HEADER_TIMEOUT": "1", "AUTH_IDLE_TIMEOUT": "600"})
-    s = socket.create_connection(("127.0.0.1", a.port), timeout=60)
+    s = Raw(a.port, timeout=60)
     try:
-        assert s.recv(100) == b""  # closed by authd long before the idle timeout
+        assert s.closed_by_server(60)  # closed by authd long before the idle timeout
     finally:
         s.close()
     # and a connection that completed a request gets the idle timeout: still open
-    s = socket.create_connection(("127.0.0.1", a.port), timeout=60)
-    s.sendall(b"GET " + PREFIX.encode() + b"/healthz HTTP/1.1\r\nHost: t\r\n\r\n")
-    assert read_status(s)[0] == 200
-    a2 = socket.create_connection(("127.0.0.1", a.port), timeout=60)  # a witness that times out meanwhile
-    assert a2.recv(100) == b""
-    s.sendall(b"GET " + PREFIX.encode() + b"/healthz HTTP/1.1\r\nHost: t\r\n\r\n")
-    assert read_status(s)[0] == 200
+    s = Raw(a.port, timeout=60)
+    s.send(b"GET " + PREFIX.encode() + b"/healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert s.response().status == 200
+    a2 = Raw(a.port, timeout=60)  # a witness that times out meanwhile
+    assert a2.closed_by_server(60)
+    s.send(b"GET " + PREFIX.encode() + b"/healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert s.response().status == 200
     s.close()
     a2.close()
 
 
 @pytest.fixture
-def many_files():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+def many_files(open_files):
     wanted = 10000 + 500
-    if soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
-    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < wanted:
-        pytest.fail("this test needs %d open files; the hard limit is %d" % (wanted, hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if open_files(wanted) < wanted:
+        pytest.fail("this test needs %d open files; the hard limit is lower" % wanted)
 
 
 def open_idle_connections(port, count, request):
@@ -194,10 +166,9 @@ def test_ten_thousand_idle_keepalive_connections(authd, many_files):
     try:
         assert answered == 10000
         assert a.auth(token).status == 200
-        rss = rss_kib(a.proc.pid)
+        rss = proc_status(a.proc.pid, "VmRSS")
         assert rss < 100 * 1024, "authd holds %d KiB with 10,000 idle connections" % rss
-        with open("/proc/%d/status" % a.proc.pid) as f:
-            threads = int(next(l for l in f if l.startswith("Threads:")).split()[1])
+        threads = proc_status(a.proc.pid, "Threads")
         assert threads <= 4, threads
     finally:
         for s in socks:
@@ -210,8 +181,8 @@ def test_pipelined_requests_wait_behind_a_login_and_keep_their_order(authd):
     auth check: the answers come back in the order asked."""
     a = authd(users=["dave:" + fast_hash("dave-password")])
     token = a.login("dave", "dave-password")
-    s = socket.create_connection(("127.0.0.1", a.port), timeout=30)
+    s = Raw(a.port, timeout=30)
     auth = b"GET " + PREFIX.encode() + b"/auth HTTP/1.1\r\nHost: t\r\nCookie: authToken=" + token.encode() + b"\r\n\r\n"
-    s.sendall(login_bytes("dave", "wrong-password") + auth + login_bytes("dave", "dave-password") + auth)
-    assert [read_status(s)[0] for _ in range(4)] == [401, 200, 200, 200]
+    s.send(login_bytes("dave", "wrong-password") + auth + login_bytes("dave", "dave-password") + auth)
+    assert [s.response().status for _ in range(4)] == [401, 200, 200, 200]
     s.close()
