@@ -1215,6 +1215,18 @@ def cookie_values(header, name):
     return values
 
 
+def cache_key_is_the_token(header, name):
+    """True when nginx's $cookie_NAME (the micro-cache key) must be the very
+    value authd verified: NAME occurs once in the whole header, in any case
+    (nginx matches names case-insensitively and also splits on ","), at the
+    start or after ";" or "; ", with a plain token value. Otherwise nginx may
+    key the answer under another value -- the empty key every visitor without
+    a cookie shares -- and serve it to them (cache poisoning)."""
+    if header.lower().count(name.lower()) != 1:
+        return False
+    return re.search(r"(?:^|;[ ]?)%s=[A-Za-z0-9._-]+(?:;|$)" % re.escape(name), header) is not None
+
+
 def host_name(host):
     """'Example.COM:8080' -> 'example.com'; '[::1]:80' -> '::1'."""
     host = host.strip().lower()
@@ -1473,7 +1485,8 @@ class App:
         reply = Reply(200, user=user)
         if now - claims["iat"] > REFRESH_AFTER:
             reply.headers.append(("Set-Cookie", self.session_cookie(user, claims["auth_time"], now)))
-        elif self.settings.cache_seconds:
+        elif self.settings.cache_seconds and cache_key_is_the_token(request.headers["cookie"],
+                                                                     self.settings.cookie_name):
             reply.headers.append(("X-Accel-Expires", str(max(0, min(self.settings.cache_seconds, claims["exp"] - now)))))
         return reply
 
