@@ -20,6 +20,7 @@ import binascii
 import concurrent.futures
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import functools
 import getpass
@@ -36,7 +37,6 @@ import signal
 import socket
 import stat
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -75,6 +75,30 @@ def quoted(text):
 
 class Failure(Exception):
     """An error for the operator: printed as one line, never a traceback."""
+
+
+class UnsafeFile(Failure):
+    """A file authd trusts (lock, temporary, secret) is a link or not a file."""
+
+
+def open_regular_file(path, flags, mode=0o600):
+    """os.open that accepts only a regular file with a single name. The
+    service user may write the folder of its files; root running the command
+    line must not follow a link planted there onto another file (O_NOFOLLOW
+    refuses a symbolic link, the name count a hard link to /etc/passwd), nor
+    hang on a planted FIFO (O_NONBLOCK, then fstat)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafeFile("%s is a symbolic link; authd does not follow it there (remove it)" % path) from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise UnsafeFile("%s is %s; authd refuses it (remove it)" % (
+            path, "a hard link" if stat.S_ISREG(st.st_mode) else "not a regular file"))
+    return fd
 
 
 # ---------------------------------------------------------------------------
@@ -308,30 +332,39 @@ def load_settings(flags=None, environ=None, env_file=None, env_required=False):
     return Settings(values), warnings
 
 
+def create_secret_file(path):
+    """A new random secret, written to PATH (mode 0600); None when another
+    process made the file first."""
+    text = secrets.token_urlsafe(48)
+    try:
+        fd = open_regular_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        return None
+    except OSError as e:
+        raise Failure("%s: cannot create the secret file: %s (set AUTH_SECRET_FILE or AUTH_TOKEN_SECRET)"
+                      % (path, e.strerror))
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    log("info", "created a new secret in %s" % path)
+    return text
+
+
 def load_secrets(settings, create=True):
     """The HMAC keys: AUTH_TOKEN_SECRET, else the secret file (made on first start)."""
     if settings.token_secrets:
         return [k.encode("utf-8") for k in settings.token_secrets]
     path = settings.secret_file
     try:
-        with open(path, encoding="utf-8") as f:
+        with os.fdopen(open_regular_file(path, os.O_RDONLY), encoding="utf-8") as f:
             text = f.read(65536)
     except FileNotFoundError:
         if not create:
             raise Failure("%s: no secret file yet (authd creates it on first start)" % path)
-        text = secrets.token_urlsafe(48)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
+        text = create_secret_file(path)
+        if text is None:
             return load_secrets(settings, create=False)  # another process just made it
-        except OSError as e:
-            raise Failure("%s: cannot create the secret file: %s (set AUTH_SECRET_FILE or AUTH_TOKEN_SECRET)"
-                          % (path, e.strerror))
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        log("info", "created a new secret in %s" % path)
     except (OSError, UnicodeDecodeError) as e:
         raise Failure("%s: cannot read the secret file: %s" % (path, getattr(e, "strerror", None) or e))
     try:
@@ -669,7 +702,7 @@ class UsersFileLock:
 
     def __enter__(self):
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            self.fd = open_regular_file(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as e:
             raise Failure("%s: cannot create the lock file: %s (the folder must be writable)"
                           % (self.path, e.strerror))
@@ -718,7 +751,8 @@ def write_file_atomically(path, text, default_mode=0o600):
         mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
     except FileNotFoundError:
         mode, owner = default_mode, None
-    fd, temp = tempfile.mkstemp(dir=folder, prefix=prefix)
+    temp = os.path.join(folder, prefix + secrets.token_hex(8))
+    fd = open_regular_file(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)  # a new file, never a planted one
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             os.fchmod(f.fileno(), mode)
@@ -2182,7 +2216,7 @@ def command_check(args, settings):
     try:
         load_secrets(settings, create=False)
     except Failure as e:
-        if settings.token_secrets or os.path.exists(settings.secret_file):
+        if settings.token_secrets or os.path.lexists(settings.secret_file):
             problems.append(str(e))
     problems += users_file_problems(settings.users_file)
     print_problems(problems)
