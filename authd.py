@@ -2043,6 +2043,11 @@ def reload_users(store):
     try:
         users = store.load()
         log("info", "loaded %d user(s) from %s" % (len(users), store.path))
+    except HashBusy:
+        # Logins hold every hash slot. A reload must never stop the server:
+        # the signature stays old, so the watch loop retries in a second.
+        log("warning", "could not hash the plaintext passwords in %s: the hash slots are busy; "
+            "will retry in a moment (kept the previous users)" % store.path)
     except (UsersFileError, Failure, OSError) as e:
         store.signature = store.file_signature()  # don't retry until the file changes again
         log("error", "kept the previous users: %s" % str(e).replace("\n", "; "))
