@@ -848,10 +848,22 @@ class UsersStore:
     def changed(self):
         return self.file_signature() != self.signature
 
-    def upgrade_hash(self, name, password):
-        """After a login with a legacy hash: store a new scrypt hash."""
+    def upgrade_hash(self, name, password, verified_hash):
+        """After a login with a legacy hash: store a new scrypt hash, but only
+        if the line still holds VERIFIED_HASH (compare and swap under the
+        lock). A passwd or deluser that landed since the login checked the
+        password wins; overwriting it would bring the old password back.
+        Returns the upgraded User, or None when the line had changed."""
         new_hash = hash_password(password)
-        edit_users_file(self.path, lambda entries, users: set_hash(entries, name, new_hash))
+
+        def swap(entries, users):
+            if name not in users or users[name].hash != verified_hash:
+                return False
+            set_hash(entries, name, new_hash)
+            return True
+
+        if not edit_users_file(self.path, swap):
+            return None
         self.load()
         return self.users.get(name)
 
@@ -1623,10 +1635,13 @@ class App:
             return None
         if is_legacy_hash(user.hash):
             try:
-                user = self.store.upgrade_hash(name, password) or user
-                log("info", "upgraded the password hash of %s to scrypt" % name)
-            except (Failure, OSError) as e:
-                log("error", "could not upgrade the password hash of %s: %s" % (name, e))
+                upgraded = self.store.upgrade_hash(name, password, user.hash)
+            except (Failure, OSError, HashBusy) as e:
+                log("error", "could not upgrade the password hash of %s: %s" % (name, e or "hash slots busy"))
+            else:
+                log("info", "upgraded the password hash of %s to scrypt" % name if upgraded else
+                    "did not upgrade the password hash of %s: its line changed since this login" % name)
+                user = upgraded or user
         return user
 
     def login_failed(self, request, wants_json, status, message, target, name=""):
