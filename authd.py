@@ -1627,10 +1627,16 @@ class App:
         """The user if NAME and PASSWORD match, else None. An unknown name is
         checked against a dummy hash so that it costs the same as a known one."""
         user = self.store.users.get(name) if valid_name(name) else None
+        stored = user.hash if user else DUMMY_HASH
         try:
-            ok = verify_password(password, user.hash if user else DUMMY_HASH)
+            ok = verify_password(password, stored)
         except ValueError:
             ok = False
+        if not ok and not stored.startswith("$scrypt$"):
+            # A failed {SHA}/$apr1$/crypt check takes a millisecond: without
+            # the same scrypt run as everyone else, a stopwatch would tell
+            # which names are legacy accounts (the weakest hashes to attack).
+            verify_password(password, DUMMY_HASH)
         if not ok or user is None:
             return None
         if is_legacy_hash(user.hash):
