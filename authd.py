@@ -2185,6 +2185,28 @@ def command_users(args, settings):
         print("%s\t%s" % (user.name, ",".join(user.groups)))
 
 
+def htpasswd_user(line, where, comment_as_groups, notes):
+    """One htpasswd line -> User, or None with the reason added to NOTES.
+    htpasswd's third field is a free-text comment, not groups: it is dropped
+    (and said so) unless COMMENT_AS_GROUPS, or "ops:...:admin" would import
+    an administrator."""
+    name, _, rest = line.partition(":")
+    password_hash, _, comment = rest.partition(":")
+    if re.fullmatch(r"[./0-9A-Za-z]{13}", password_hash):
+        notes.append("skipped %s: %s has a DES crypt hash (htpasswd -d), which keeps only 8 characters of a "
+                     "password; add the user anew with 'authd.py adduser %s'" % (where, name, name))
+        return None
+    try:
+        user = parse_user_line(":".join([name, password_hash] + ([comment] if comment_as_groups and comment else [])))
+    except ValueError as e:
+        notes.append("skipped %s: %s" % (where, e))
+        return None
+    if comment and not comment_as_groups:
+        notes.append("note: %s: dropped the comment %s of %s (htpasswd's third field is a comment, not groups; "
+                     "--comment-as-groups keeps it as groups)" % (where, quoted(comment), name))
+    return user
+
+
 def command_import_htpasswd(args, settings):
     """Merge an htpasswd file; lines keep their hashes (upgraded at login)."""
     try:
@@ -2192,35 +2214,26 @@ def command_import_htpasswd(args, settings):
             lines = f.read(MAX_USERS_FILE).splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise Failure("%s: cannot read: %s" % (args.file, getattr(e, "strerror", None) or e))
-    report = {"added": [], "skipped": []}
+    added, notes = [], []
 
     def merge(entries, users):
         for number, line in enumerate(lines, 1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
-            name, _, password_hash = line.partition(":")
             where = "%s line %d" % (args.file, number)
-            if re.fullmatch(r"[./0-9A-Za-z]{13}", password_hash):
-                report["skipped"].append("%s: %s has a DES crypt hash (htpasswd -d), which keeps only 8 characters "
-                                         "of a password; add the user anew with 'authd.py adduser %s'" % (where, name, name))
-                continue
-            try:
-                user = parse_user_line(name + ":" + password_hash)
-            except ValueError as e:
-                report["skipped"].append("%s: %s" % (where, e))
-                continue
-            if user.name in users:
-                report["skipped"].append("%s: %s is already in %s" % (where, user.name, settings.users_file))
-                continue
-            users[user.name] = user
-            entries.append(user)
-            report["added"].append(user.name)
+            user = htpasswd_user(line, where, args.comment_as_groups, notes)
+            if user is not None and user.name in users:
+                notes.append("skipped %s: %s is already in %s" % (where, user.name, settings.users_file))
+            elif user is not None:
+                users[user.name] = user
+                entries.append(user)
+                added.append(user.name)
 
     edit_users_file(settings.users_file, merge)
-    print("imported %d user(s) into %s%s" % (len(report["added"]), settings.users_file,
-                                            (": " + ", ".join(report["added"])) if report["added"] else ""))
-    for line in report["skipped"]:
-        print("skipped " + line)
+    print("imported %d user(s) into %s%s" % (len(added), settings.users_file,
+                                            (": " + ", ".join(added)) if added else ""))
+    for line in notes:
+        print(line)
 
 
 def users_file_problems(path):
@@ -2311,6 +2324,9 @@ def build_parser():
     commands.add_parser("check", parents=[common], help="validate the settings and the users file")
     imp = commands.add_parser("import-htpasswd", parents=[common], help="merge an htpasswd file into the users file")
     imp.add_argument("file")
+    imp.add_argument("--comment-as-groups", action="store_true",
+                     help="keep each line's third field (an htpasswd comment) as the user's groups; "
+                          "by default it is dropped")
     return parser
 
 
