@@ -180,6 +180,15 @@ def login_rate(value):
     return int(match.group(1)), int(match.group(2))
 
 
+def bypass_value(value):
+    """AUTH_BYPASS: unset, or at least 32 characters (it opens every page)."""
+    if not value:
+        return None
+    if len(value) < 32:
+        raise ValueError("must be at least 32 characters (it has %d); %s" % (len(value), SECRET_HINT))
+    return value
+
+
 def secret_list(value):
     """One or more HMAC keys, separated by commas or white space."""
     keys = [k for k in re.split(r"[,\s]+", value) if k]
@@ -204,7 +213,7 @@ SETTINGS = {
     "AUTH_TOKEN_SECRET": Setting("", secret_list, "token_secrets", True),
     "AUTH_SECRET_FILE": Setting("", optional, "secret_file", False),
     "AUTH_USERS_FILE": Setting(os.path.join(HERE, "users.txt"), str, "users_file", False),
-    "AUTH_BYPASS": Setting("", optional, "bypass", True),
+    "AUTH_BYPASS": Setting("", bypass_value, "bypass", True),
     "AUTH_EXPIRY_DAYS": Setting("7", real_number("days", "7 or 0.5", 36500), "expiry_days", True),
     "AUTH_MAX_AGE_DAYS": Setting("30", real_number("days", "30 or 0.5", 36500, zero_means="unlimited"),
                                  "max_age_days", True),
@@ -1197,6 +1206,8 @@ def parse_head(head):
     request = Request()
     request.method, request.target, request.version = method, target, version
     request.headers = headers = parse_header_fields(lines[1:])
+    if version == b"HTTP/1.1" and "host" not in headers:
+        raise HTTPError(400, "an HTTP/1.1 request needs a Host header")  # RFC 9112, section 3.2
     request.path, _, request.query = target.partition("?")
     connection = headers.get("connection", "").lower()
     request.keep_alive = ("close" not in connection) if version == b"HTTP/1.1" else ("keep-alive" in connection)
@@ -1414,19 +1425,22 @@ class Later:
 @functools.lru_cache(maxsize=1024)
 def parse_rules(query):
     """?group=G1,G2&user=U1,U2 from the nginx config -> (groups, names,
-    unknown). An unknown parameter is logged (once per distinct query)."""
-    groups, names, unknown = set(), set(), []
+    broken). An unknown parameter or an empty list (group= or group=,: a
+    variable that came out empty, a typo) is broken, and denies: a rule must
+    fail closed. It is logged once per distinct query."""
+    groups, names, broken = set(), set(), []
     for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
-        if key in ("group", "groups"):
-            groups.update(v for v in value.split(",") if v)
-        elif key in ("user", "users"):
-            names.update(v for v in value.split(",") if v)
+        listed = [v for v in value.split(",") if v]
+        if key in ("group", "groups") and listed:
+            groups.update(listed)
+        elif key in ("user", "users") and listed:
+            names.update(listed)
         else:
-            unknown.append(key)
-    if unknown:
-        log("error", "unknown rule parameter %s in %s; denying (use group= or user=)"
-            % (quoted(unknown[0]), quoted(query)))
-    return frozenset(groups), frozenset(names), bool(unknown)
+            broken.append(key + "=" + value)
+    if broken:
+        log("error", "bad rule %s in %s; denying (use group=G1,G2 or user=U1,U2)"
+            % (quoted(broken[0]), quoted(query)))
+    return frozenset(groups), frozenset(names), bool(broken)
 
 
 class App:
@@ -1471,15 +1485,20 @@ class App:
 
     def session(self, request, now):
         """(user, claims) for the request's cookie, or (None, None)."""
+        # The cache before the keys (configure() sets them the other way
+        # round): a token verified under keys a reload just replaced then
+        # lands in the old cache, which is dropped, never in the new one.
+        cache = self.token_cache
+        keys = self.keys
         for token in cookie_values(request.headers.get("cookie", ""), self.settings.cookie_name):
-            claims = self.token_cache.get(token)
+            claims = cache.get(token)
             if claims is None:
-                claims = decode_token(token, self.keys, now)
+                claims = decode_token(token, keys, now)
                 if claims is None:
                     continue
-                if len(self.token_cache) >= TOKEN_CACHE_SIZE:
-                    self.token_cache = {}
-                self.token_cache[token] = claims
+                if len(cache) >= TOKEN_CACHE_SIZE:
+                    cache.clear()
+                cache[token] = claims
             elif claims["exp"] <= now:
                 continue
             user = self.store.users.get(claims["sub"])
@@ -1515,9 +1534,12 @@ class App:
     def handle_auth(self, request, admin_only=False):
         now = int(time.time())
         bypass = self.settings.bypass
-        if bypass and "x-auth-bypass" in request.headers and hmac.compare_digest(
-                request.headers["x-auth-bypass"].encode("utf-8", "replace"), bypass.encode("utf-8")):
-            return Reply(200)
+        if bypass and "x-auth-bypass" in request.headers:
+            if hmac.compare_digest(request.headers["x-auth-bypass"].encode("utf-8", "replace"),
+                                   bypass.encode("utf-8")):
+                return Reply(200)
+            # someone guesses the bypass: say who, never what (it may be a near miss)
+            log("warning", "wrong X-Auth-Bypass header from %s" % request.client_ip())
         user, claims = self.session(request, now)
         if user is None:
             reply = Reply(401)
@@ -1542,12 +1564,10 @@ class App:
     def rules_allow(self, query, user):
         """The rules in nginx's query: the user must be in a listed group or
         be a listed user. An unknown parameter denies, so a typo in
-        nginx.conf fails closed."""
-        groups, names, unknown = parse_rules(query)
-        if unknown:
+        nginx.conf fails closed, and so does a query that lists nobody."""
+        groups, names, broken = parse_rules(query)
+        if broken:
             return False
-        if not groups and not names:
-            return True
         return user.name in names or not groups.isdisjoint(user.groups)
 
     # -- login and logout ---------------------------------------------------
