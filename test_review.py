@@ -379,9 +379,17 @@ def short_hash_wait_python(tmp_path, seconds):
     return str(wrapper)
 
 
+def resident_mib(pid):
+    for line in Path("/proc/%d/status" % pid).read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS for %d" % pid)
+
+
 def test_reload_while_hash_slots_are_busy_keeps_serving(tmp_path):
     """Fails on a2595e4: the reload hashes the new plaintext line, gets
     HashBusy, and authd exits with status 1."""
+    need(os.path.exists("/proc/self/status"), "/proc is needed to see the hashes hold their memory")
     users = ["alice:" + fast_hash("alice-pw"), "slow:" + slow_scrypt_hash()]
     d = Authd(tmp_path, users=users, env={"AUTH_LOGIN_RATE": "1000/60"},
               python=short_hash_wait_python(tmp_path, 0.2))
@@ -395,10 +403,12 @@ def test_reload_while_hash_slots_are_busy_keeps_serving(tmp_path):
         slow_logins = [threading.Thread(target=slow_login) for _ in range(2)]
         for t in slow_logins:
             t.start()
-        # both slots are taken once a cheap login is turned away as busy
-        wait_until(lambda: d.request("POST", P + "/login",
-                                     body={"username": "alice", "password": "alice-pw"}).status == 503,
-                   what="both hash slots busy")
+        # Both slots are taken once both checks hold their 64 MiB: scrypt
+        # fills its table in the first 1/32 of a p=16 run, so the rest of
+        # each check (seconds) lies ahead, far beyond the 0.2 s the reload waits.
+        baseline = resident_mib(d.proc.pid)
+        wait_until(lambda: resident_mib(d.proc.pid) >= baseline + 110, timeout=30,
+                   what="both slow password checks to hold their memory")
         with open(d.users_file, "a") as f:
             f.write("newbie:newbie-plain-pw\n")
         d.proc.send_signal(signal.SIGHUP)
