@@ -21,6 +21,7 @@ import bisect
 import concurrent.futures
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import functools
 import getpass
@@ -38,7 +39,6 @@ import signal
 import socket
 import stat
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -77,6 +77,30 @@ def quoted(text):
 
 class Failure(Exception):
     """An error for the operator: printed as one line, never a traceback."""
+
+
+class UnsafeFile(Failure):
+    """A file authd trusts (lock, temporary, secret) is a link or not a file."""
+
+
+def open_regular_file(path, flags, mode=0o600):
+    """os.open that accepts only a regular file with a single name. The
+    service user may write the folder of its files; root running the command
+    line must not follow a link planted there onto another file (O_NOFOLLOW
+    refuses a symbolic link, the name count a hard link to /etc/passwd), nor
+    hang on a planted FIFO (O_NONBLOCK, then fstat)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafeFile("%s is a symbolic link; authd does not follow it there (remove it)" % path) from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise UnsafeFile("%s is %s; authd refuses it (remove it)" % (
+            path, "a hard link" if stat.S_ISREG(st.st_mode) else "not a regular file"))
+    return fd
 
 
 # ---------------------------------------------------------------------------
@@ -236,6 +260,15 @@ def login_rate(value):
     return int(match.group(1)), int(match.group(2))
 
 
+def bypass_value(value):
+    """AUTH_BYPASS: unset, or at least 32 characters (it opens every page)."""
+    if not value:
+        return None
+    if len(value) < 32:
+        raise ValueError("must be at least 32 characters (it has %d); %s" % (len(value), SECRET_HINT))
+    return value
+
+
 def secret_list(value):
     """One or more HMAC keys, separated by commas or white space."""
     keys = [k for k in re.split(r"[,\s]+", value) if k]
@@ -261,7 +294,7 @@ SETTINGS = {
     "AUTH_SECRET_FILE": Setting("", optional, "secret_file", False),
     "AUTH_USERS_FILE": Setting(os.path.join(HERE, "users.txt"), str, "users_file", False),
     "AUTH_TOKENS_FILE": Setting("", optional, "tokens_file", False),
-    "AUTH_BYPASS": Setting("", optional, "bypass", True),
+    "AUTH_BYPASS": Setting("", bypass_value, "bypass", True),
     "AUTH_EXPIRY_DAYS": Setting("7", real_number("days", "7 or 0.5", 36500), "expiry_days", True),
     "AUTH_MAX_AGE_DAYS": Setting("30", real_number("days", "30 or 0.5", 36500, zero_means="unlimited"),
                                  "max_age_days", True),
@@ -392,30 +425,39 @@ def load_settings(flags=None, environ=None, env_file=None, env_required=False):
     return Settings(values), warnings
 
 
+def create_secret_file(path):
+    """A new random secret, written to PATH (mode 0600); None when another
+    process made the file first."""
+    text = secrets.token_urlsafe(48)
+    try:
+        fd = open_regular_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        return None
+    except OSError as e:
+        raise Failure("%s: cannot create the secret file: %s (set AUTH_SECRET_FILE or AUTH_TOKEN_SECRET)"
+                      % (path, e.strerror))
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    log("info", "created a new secret in %s" % path)
+    return text
+
+
 def load_secrets(settings, create=True):
     """The HMAC keys: AUTH_TOKEN_SECRET, else the secret file (made on first start)."""
     if settings.token_secrets:
         return [k.encode("utf-8") for k in settings.token_secrets]
     path = settings.secret_file
     try:
-        with open(path, encoding="utf-8") as f:
+        with os.fdopen(open_regular_file(path, os.O_RDONLY), encoding="utf-8") as f:
             text = f.read(65536)
     except FileNotFoundError:
         if not create:
             raise Failure("%s: no secret file yet (authd creates it on first start)" % path)
-        text = secrets.token_urlsafe(48)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
+        text = create_secret_file(path)
+        if text is None:
             return load_secrets(settings, create=False)  # another process just made it
-        except OSError as e:
-            raise Failure("%s: cannot create the secret file: %s (set AUTH_SECRET_FILE or AUTH_TOKEN_SECRET)"
-                          % (path, e.strerror))
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        log("info", "created a new secret in %s" % path)
     except (OSError, UnicodeDecodeError) as e:
         raise Failure("%s: cannot read the secret file: %s" % (path, getattr(e, "strerror", None) or e))
     try:
@@ -755,7 +797,7 @@ class UsersFileLock:
 
     def __enter__(self):
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            self.fd = open_regular_file(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as e:
             raise Failure("%s: cannot create the lock file: %s (the folder must be writable)"
                           % (self.path, e.strerror))
@@ -804,7 +846,8 @@ def write_file_atomically(path, text, default_mode=0o600):
         mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
     except FileNotFoundError:
         mode, owner = default_mode, None
-    fd, temp = tempfile.mkstemp(dir=folder, prefix=prefix)
+    temp = os.path.join(folder, prefix + secrets.token_hex(8))
+    fd = open_regular_file(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)  # a new file, never a planted one
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             os.fchmod(f.fileno(), mode)
@@ -901,10 +944,22 @@ class UsersStore:
     def changed(self):
         return self.file_signature() != self.signature
 
-    def upgrade_hash(self, name, password):
-        """After a login with a legacy hash: store a new scrypt hash."""
+    def upgrade_hash(self, name, password, verified_hash):
+        """After a login with a legacy hash: store a new scrypt hash, but only
+        if the line still holds VERIFIED_HASH (compare and swap under the
+        lock). A passwd or deluser that landed since the login checked the
+        password wins; overwriting it would bring the old password back.
+        Returns the upgraded User, or None when the line had changed."""
         new_hash = hash_password(password)
-        edit_users_file(self.path, lambda entries, users: set_hash(entries, name, new_hash))
+
+        def swap(entries, users):
+            if name not in users or users[name].hash != verified_hash:
+                return False
+            set_hash(entries, name, new_hash)
+            return True
+
+        if not edit_users_file(self.path, swap):
+            return None
         self.load()
         return self.users.get(name)
 
@@ -1474,6 +1529,8 @@ def parse_head(head):
     request = Request()
     request.method, request.target, request.version = method, target, version
     request.headers = headers = parse_header_fields(lines[1:])
+    if version == b"HTTP/1.1" and "host" not in headers:
+        raise HTTPError(400, "an HTTP/1.1 request needs a Host header")  # RFC 9112, section 3.2
     request.path, _, request.query = target.partition("?")
     connection = headers.get("connection", "").lower()
     request.keep_alive = ("close" not in connection) if version == b"HTTP/1.1" else ("keep-alive" in connection)
@@ -1536,6 +1593,18 @@ def cookie_values(header, name):
             if len(values) == 4:
                 break
     return values
+
+
+def cache_key_is_the_token(header, name):
+    """True when nginx's $cookie_NAME (the micro-cache key) must be the very
+    value authd verified: NAME occurs once in the whole header, in any case
+    (nginx matches names case-insensitively and also splits on ","), at the
+    start or after ";" or "; ", with a plain token value. Otherwise nginx may
+    key the answer under another value -- the empty key every visitor without
+    a cookie shares -- and serve it to them (cache poisoning)."""
+    if header.lower().count(name.lower()) != 1:
+        return False
+    return re.search(r"(?:^|;[ ]?)%s=[A-Za-z0-9._-]+(?:;|$)" % re.escape(name), header) is not None
 
 
 def host_name(host):
@@ -1681,19 +1750,22 @@ class Later:
 @functools.lru_cache(maxsize=1024)
 def parse_rules(query):
     """?group=G1,G2&user=U1,U2 from the nginx config -> (groups, names,
-    unknown). An unknown parameter is logged (once per distinct query)."""
-    groups, names, unknown = set(), set(), []
+    broken). An unknown parameter or an empty list (group= or group=,: a
+    variable that came out empty, a typo) is broken, and denies: a rule must
+    fail closed. It is logged once per distinct query."""
+    groups, names, broken = set(), set(), []
     for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
-        if key in ("group", "groups"):
-            groups.update(v for v in value.split(",") if v)
-        elif key in ("user", "users"):
-            names.update(v for v in value.split(",") if v)
+        listed = [v for v in value.split(",") if v]
+        if key in ("group", "groups") and listed:
+            groups.update(listed)
+        elif key in ("user", "users") and listed:
+            names.update(listed)
         else:
-            unknown.append(key)
-    if unknown:
-        log("error", "unknown rule parameter %s in %s; denying (use group= or user=)"
-            % (quoted(unknown[0]), quoted(query)))
-    return frozenset(groups), frozenset(names), bool(unknown)
+            broken.append(key + "=" + value)
+    if broken:
+        log("error", "bad rule %s in %s; denying (use group=G1,G2 or user=U1,U2)"
+            % (quoted(broken[0]), quoted(query)))
+    return frozenset(groups), frozenset(names), bool(broken)
 
 
 class App:
@@ -1742,15 +1814,20 @@ class App:
 
     def session(self, request, now):
         """(user, claims) for the request's cookie, or (None, None)."""
+        # The cache before the keys (configure() sets them the other way
+        # round): a token verified under keys a reload just replaced then
+        # lands in the old cache, which is dropped, never in the new one.
+        cache = self.token_cache
+        keys = self.keys
         for token in cookie_values(request.headers.get("cookie", ""), self.settings.cookie_name):
-            claims = self.token_cache.get(token)
+            claims = cache.get(token)
             if claims is None:
-                claims = decode_token(token, self.keys, now)
+                claims = decode_token(token, keys, now)
                 if claims is None:
                     continue
-                if len(self.token_cache) >= TOKEN_CACHE_SIZE:
-                    self.token_cache = {}
-                self.token_cache[token] = claims
+                if len(cache) >= TOKEN_CACHE_SIZE:
+                    cache.clear()
+                cache[token] = claims
             elif claims["exp"] <= now:
                 continue
             user = self.store.users.get(claims["sub"])
@@ -1786,10 +1863,13 @@ class App:
     def handle_auth(self, request, admin_only=False):
         now = int(time.time())
         bypass = self.settings.bypass
-        if bypass and "x-auth-bypass" in request.headers and hmac.compare_digest(
-                request.headers["x-auth-bypass"].encode("utf-8", "replace"), bypass.encode("utf-8")):
-            AUTH_COUNTS.add("bypass")
-            return Reply(200)
+        if bypass and "x-auth-bypass" in request.headers:
+            if hmac.compare_digest(request.headers["x-auth-bypass"].encode("utf-8", "replace"),
+                                   bypass.encode("utf-8")):
+                AUTH_COUNTS.add("bypass")
+                return Reply(200)
+            # someone guesses the bypass: say who, never what (it may be a near miss)
+            log("warning", "wrong X-Auth-Bypass header from %s" % request.client_ip())
         user, claims = self.session(request, now)
         if user is None:
             if "authorization" in request.headers:
@@ -1801,7 +1881,8 @@ class App:
         reply = Reply(200, user=user)
         if now - claims["iat"] > REFRESH_AFTER:
             reply.headers.append(("Set-Cookie", self.session_cookie(user, claims["auth_time"], now)))
-        elif self.settings.cache_seconds:
+        elif self.settings.cache_seconds and cache_key_is_the_token(request.headers["cookie"],
+                                                                     self.settings.cookie_name):
             reply.headers.append(("X-Accel-Expires", str(max(0, min(self.settings.cache_seconds, claims["exp"] - now)))))
         return reply
 
@@ -1885,12 +1966,10 @@ class App:
     def rules_allow(self, query, user):
         """The rules in nginx's query: the user must be in a listed group or
         be a listed user. An unknown parameter denies, so a typo in
-        nginx.conf fails closed."""
-        groups, names, unknown = parse_rules(query)
-        if unknown:
+        nginx.conf fails closed, and so does a query that lists nobody."""
+        groups, names, broken = parse_rules(query)
+        if broken:
             return False
-        if not groups and not names:
-            return True
         return user.name in names or not groups.isdisjoint(user.groups)
 
     # -- login and logout ---------------------------------------------------
@@ -1976,20 +2055,30 @@ class App:
         """The user if NAME and PASSWORD match, else None. An unknown name is
         checked against a dummy hash so that it costs the same as a known one."""
         user = self.store.users.get(name) if valid_name(name) else None
+        stored = user.hash if user else DUMMY_HASH
         try:
-            ok = verify_password(password, user.hash if user else DUMMY_HASH)
+            ok = verify_password(password, stored)
         except ValueError:
             ok = False
+        if not ok and not stored.startswith("$scrypt$"):
+            # A failed {SHA}/$apr1$/crypt check takes a millisecond: without
+            # the same scrypt run as everyone else, a stopwatch would tell
+            # which names are legacy accounts (the weakest hashes to attack).
+            verify_password(password, DUMMY_HASH)
         if not ok or user is None:
             return None
         if is_legacy_hash(user.hash):
             try:
                 old = user.fingerprint
-                user = self.store.upgrade_hash(name, password) or user
-                rebind_tokens(self.tokens.path, name, old, user.fingerprint)
-                log("info", "upgraded the password hash of %s to scrypt" % name)
-            except (Failure, OSError) as e:
-                log("error", "could not upgrade the password hash of %s: %s" % (name, e))
+                upgraded = self.store.upgrade_hash(name, password, user.hash)
+            except (Failure, OSError, HashBusy) as e:
+                log("error", "could not upgrade the password hash of %s: %s" % (name, e or "hash slots busy"))
+            else:
+                log("info", "upgraded the password hash of %s to scrypt" % name if upgraded else
+                    "did not upgrade the password hash of %s: its line changed since this login" % name)
+                if upgraded:
+                    rebind_tokens(self.tokens.path, name, old, upgraded.fingerprint)
+                user = upgraded or user
         return user
 
     def login_failed(self, request, wants_json, status, message, target, name=""):
@@ -2511,6 +2600,11 @@ def reload_users(store):
         users = store.load()
         log("info", "loaded %d user(s) from %s" % (len(users), store.path))
         RELOAD_COUNTS.add("ok")
+    except HashBusy:
+        # Logins hold every hash slot. A reload must never stop the server:
+        # the signature stays old, so the watch loop retries in a second.
+        log("warning", "could not hash the plaintext passwords in %s: the hash slots are busy; "
+            "will retry in a moment (kept the previous users)" % store.path)
     except (UsersFileError, Failure, OSError) as e:
         store.signature = store.file_signature()  # don't retry until the file changes again
         log("error", "kept the previous users: %s" % str(e).replace("\n", "; "))
@@ -2637,6 +2731,28 @@ def command_users(args, settings):
         print("%s\t%s" % (user.name, ",".join(user.groups)))
 
 
+def htpasswd_user(line, where, comment_as_groups, notes):
+    """One htpasswd line -> User, or None with the reason added to NOTES.
+    htpasswd's third field is a free-text comment, not groups: it is dropped
+    (and said so) unless COMMENT_AS_GROUPS, or "ops:...:admin" would import
+    an administrator."""
+    name, _, rest = line.partition(":")
+    password_hash, _, comment = rest.partition(":")
+    if re.fullmatch(r"[./0-9A-Za-z]{13}", password_hash):
+        notes.append("skipped %s: %s has a DES crypt hash (htpasswd -d), which keeps only 8 characters of a "
+                     "password; add the user anew with 'authd.py adduser %s'" % (where, name, name))
+        return None
+    try:
+        user = parse_user_line(":".join([name, password_hash] + ([comment] if comment_as_groups and comment else [])))
+    except ValueError as e:
+        notes.append("skipped %s: %s" % (where, e))
+        return None
+    if comment and not comment_as_groups:
+        notes.append("note: %s: dropped the comment %s of %s (htpasswd's third field is a comment, not groups; "
+                     "--comment-as-groups keeps it as groups)" % (where, quoted(comment), name))
+    return user
+
+
 def command_import_htpasswd(args, settings):
     """Merge an htpasswd file; lines keep their hashes (upgraded at login)."""
     try:
@@ -2644,35 +2760,26 @@ def command_import_htpasswd(args, settings):
             lines = f.read(MAX_USERS_FILE).splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise Failure("%s: cannot read: %s" % (args.file, getattr(e, "strerror", None) or e))
-    report = {"added": [], "skipped": []}
+    added, notes = [], []
 
     def merge(entries, users):
         for number, line in enumerate(lines, 1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
-            name, _, password_hash = line.partition(":")
             where = "%s line %d" % (args.file, number)
-            if re.fullmatch(r"[./0-9A-Za-z]{13}", password_hash):
-                report["skipped"].append("%s: %s has a DES crypt hash (htpasswd -d), which keeps only 8 characters "
-                                         "of a password; add the user anew with 'authd.py adduser %s'" % (where, name, name))
-                continue
-            try:
-                user = parse_user_line(name + ":" + password_hash)
-            except ValueError as e:
-                report["skipped"].append("%s: %s" % (where, e))
-                continue
-            if user.name in users:
-                report["skipped"].append("%s: %s is already in %s" % (where, user.name, settings.users_file))
-                continue
-            users[user.name] = user
-            entries.append(user)
-            report["added"].append(user.name)
+            user = htpasswd_user(line, where, args.comment_as_groups, notes)
+            if user is not None and user.name in users:
+                notes.append("skipped %s: %s is already in %s" % (where, user.name, settings.users_file))
+            elif user is not None:
+                users[user.name] = user
+                entries.append(user)
+                added.append(user.name)
 
     edit_users_file(settings.users_file, merge)
-    print("imported %d user(s) into %s%s" % (len(report["added"]), settings.users_file,
-                                            (": " + ", ".join(report["added"])) if report["added"] else ""))
-    for line in report["skipped"]:
-        print("skipped " + line)
+    print("imported %d user(s) into %s%s" % (len(added), settings.users_file,
+                                            (": " + ", ".join(added)) if added else ""))
+    for line in notes:
+        print(line)
 
 
 def token_days(text):
@@ -2765,7 +2872,7 @@ def command_check(args, settings):
     try:
         load_secrets(settings, create=False)
     except Failure as e:
-        if settings.token_secrets or os.path.exists(settings.secret_file):
+        if settings.token_secrets or os.path.lexists(settings.secret_file):
             problems.append(str(e))
     problems += users_file_problems(settings.users_file)
     try:
@@ -2840,6 +2947,9 @@ def build_parser():
     commands.add_parser("check", parents=[common], help="validate the settings and the users file")
     imp = commands.add_parser("import-htpasswd", parents=[common], help="merge an htpasswd file into the users file")
     imp.add_argument("file")
+    imp.add_argument("--comment-as-groups", action="store_true",
+                     help="keep each line's third field (an htpasswd comment) as the user's groups; "
+                          "by default it is dropped")
     add_token_parser(commands, common)
     return parser
 

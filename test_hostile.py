@@ -653,6 +653,7 @@ field_values = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=
        st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7e), max_size=40).map(lambda s: "/" + s),
        st.dictionaries(field_names.map(str.lower), field_values, max_size=8))
 def test_fuzz_request_head_round_trip(method, target, headers):
+    headers = dict({"host": "h.example"}, **headers)  # HTTP/1.1 requires Host (RFC 9112)
     head = "%s %s HTTP/1.1\r\n" % (method, target) + "".join("%s: %s\r\n" % kv for kv in headers.items())
     request = A.parse_head(head.encode("latin-1"))
     assert (request.method, request.target, request.headers) == (method, target, headers)
@@ -1004,11 +1005,11 @@ def test_concurrent_logins_bounded_hashes_and_memory(authd):
     ("101 header fields", b"GET /__auth/healthz HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n", 431),
     ("head 20 KiB in small fields", b"GET /__auth/healthz HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"a" * 1000) for i in range(20)) + b"\r\n", 431),
     ("cookie 17 KiB", b"GET /__auth/auth HTTP/1.1\r\nCookie: authToken=" + b"a" * 17000 + b"\r\n\r\n", 431),
-    ("body 8 KiB + 1", b"POST /__auth/login HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 8193\r\n\r\n" + b" " * 8193, 413),
-    ("form body 8 KiB + 1", b"POST /__auth/login HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+    ("body 8 KiB + 1", b"POST /__auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 8193\r\n\r\n" + b" " * 8193, 413),
+    ("form body 8 KiB + 1", b"POST /__auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
      b"Content-Length: 8193\r\n\r\nusername=alice&password=" + b"x" * 8169, 413),
-    ("Content-Length 10^12, no body", b"POST /__auth/login HTTP/1.1\r\nContent-Length: 1000000000000\r\n\r\n", 413),
-    ("Content-Length on a GET, too big", b"GET /__auth/auth HTTP/1.1\r\nContent-Length: 100000\r\n\r\n", 413),
+    ("Content-Length 10^12, no body", b"POST /__auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\n", 413),
+    ("Content-Length on a GET, too big", b"GET /__auth/auth HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n", 413),
 ])
 def test_size_caps(srv, what, data, status):
     c = Raw(srv.port)

@@ -366,7 +366,7 @@ def test_service_unit_sandbox_allows_what_authd_does(tmp_path, authd, sockdir, n
     if sha512:
         users.append("bob:" + sha512)  # upgraded at login: libcrypt via ctypes + rewrite
     trace = tmp_path / "strace.txt"
-    env = {"AUTH_BYPASS": "bypass-value-1234"}
+    env = {"AUTH_BYPASS": "bypass-value-1234-at-least-32-characters"}
     listener, args = None, ()
     if mode == "systemd-socket":
         listener = tcp_listener()
@@ -387,7 +387,7 @@ def test_service_unit_sandbox_allows_what_authd_does(tmp_path, authd, sockdir, n
         wait_until(lambda: users_line(d.users_file, "bob").split(":")[1].startswith("$scrypt$"),
                    what="bob's hash upgrade")
     assert req("GET", "/__auth/auth", headers={"Cookie": "authToken=" + token}).status == 200
-    assert req("GET", "/__auth/admin", headers={"X-Auth-Bypass": "bypass-value-1234"}).status == 200
+    assert req("GET", "/__auth/admin", headers={"X-Auth-Bypass": "bypass-value-1234-at-least-32-characters"}).status == 200
     os.kill(pid, signal.SIGHUP)
     notify.until("READY")
     os.kill(pid, signal.SIGTERM)
@@ -514,16 +514,16 @@ def test_sighup_reloads_users_file_and_env(authd, notify):
     notify.until("READY")
     req = d.request
     token = d.login("alice", "old-password")
-    assert req("GET", "/__auth/auth", headers={"X-Auth-Bypass": "reloaded-bypass-1"}).status == 401
+    assert req("GET", "/__auth/auth", headers={"X-Auth-Bypass": "reloaded-bypass-1-at-least-32-characters"}).status == 401
 
     stealth_rewrite(d.users_file, "alice:" + new + "\n")
-    d.env_file.write_text("AUTH_BYPASS=reloaded-bypass-1\n")
+    d.env_file.write_text("AUTH_BYPASS=reloaded-bypass-1-at-least-32-characters\n")
     d.proc.send_signal(signal.SIGHUP)
     notify.until("READY")
     # in force as soon as authd says it is ready again
     assert req("POST", "/__auth/login", body={"username": "alice", "password": "new-password"}).status == 200
     assert req("POST", "/__auth/login", body={"username": "alice", "password": "old-password"}).status == 401
-    r = req("GET", "/__auth/auth", headers={"X-Auth-Bypass": "reloaded-bypass-1"})
+    r = req("GET", "/__auth/auth", headers={"X-Auth-Bypass": "reloaded-bypass-1-at-least-32-characters"})
     assert r.status == 200 and "x-auth-user" not in r.headers, r
     assert d.auth(token).status == 401, "a token made with the old hash outlived the reload"
     assert d.stop() == 0, d.log()
@@ -938,7 +938,7 @@ def test_express_drop_in_env_and_json_api(authd, tmp_path):
         'AUTH_COOKIE_NAME="expressToken"\n'
         "AUTH_EXPIRY_DAYS=2\n"
         "AUTH_COOKIE_SECURE=false\n"
-        "AUTH_BYPASS=express-bypass-9876\n"
+        "AUTH_BYPASS=express-bypass-9876-at-least-32-characters\n"
         "AUTH_PREFIX=/__auth\n" % secret)
     # the Express users.txt: plaintext passwords, ":admin" for admins
     d = authd(users=["boss:boss-password:admin", "worker:worker-password"], secret=None)
@@ -980,7 +980,7 @@ def test_express_drop_in_env_and_json_api(authd, tmp_path):
     wtoken = req("POST", "/__auth/login",
                  body={"username": "worker", "password": "worker-password"}).cookie("expressToken")
     assert req("GET", "/__auth/admin", headers={"Cookie": "expressToken=" + wtoken}).status == 403
-    r = req("GET", "/__auth/auth", headers={"X-Auth-Bypass": "express-bypass-9876"})
+    r = req("GET", "/__auth/auth", headers={"X-Auth-Bypass": "express-bypass-9876-at-least-32-characters"})
     assert r.status == 200 and "x-auth-user" not in r.headers, r
     assert req("GET", "/__auth/auth", headers={"Cookie": "authToken=" + token}).status == 401
     assert d.stop() == 0, d.log()
