@@ -17,7 +17,6 @@ Playwright (see test_e2e.py, whose helpers and fixtures this file reuses).
 """
 import http.client
 import json
-import os
 import re
 import signal
 import socket
