@@ -1239,8 +1239,9 @@ class UnsupportedMediaType(ValueError):
 
 
 def parse_login_body(request):
-    """(username, password, rd or None) from a JSON or form body; ValueError
-    with a message for anything else."""
+    """(username, password, rd or None) from a JSON or form body, "" for a
+    missing user name or password; ValueError with a message for a body
+    that cannot be read."""
     kind = request.content_type()
     if kind == "application/json":
         try:
@@ -1260,10 +1261,10 @@ def parse_login_body(request):
         target = data.get("rd")
     else:
         raise UnsupportedMediaType("Content-Type must be application/x-www-form-urlencoded or application/json")
+    # Missing or non-text credentials are wrong credentials (401, as the
+    # Express API answers), which the caller refuses without hashing.
     name, password = data.get("username"), data.get("password")
-    if not isinstance(name, str) or not isinstance(password, str) or not name or not password:
-        raise ValueError("User name and password are required")
-    return name, password, target
+    return (name if isinstance(name, str) else "", password if isinstance(password, str) else "", target)
 
 
 # ---------------------------------------------------------------------------
@@ -1514,6 +1515,10 @@ class App:
             return self.login_failed(request, wants_json, status, str(e), target)
         if form_target is not None:
             target = safe_target(form_target)
+        if not name or not password:  # no hash to run: refused at once
+            log("warning", "login failed from %s user=%s (no %s)"
+                % (request.client_ip(), quoted(name), "password" if name else "user name"))
+            return self.wrong_credentials(request, wants_json, target, name)
         wait = self.count_attempt(request.client_ip(), name)
         if wait:
             log("warning", "login rate limit hit from %s user=%s" % (request.client_ip(), quoted(name)))
@@ -1553,8 +1558,7 @@ class App:
             return self.busy(request, wants_json, target)
         if user is None:
             log("warning", "login failed from %s user=%s" % (address, quoted(name)))
-            message = "Invalid credentials" if wants_json else "Invalid user name or password"
-            return self.login_failed(request, wants_json, 401, message, target, name)
+            return self.wrong_credentials(request, wants_json, target, name)
         self.refund_attempt(address, name)
         self.warn_if_cookie_will_be_dropped(request)
         log("info", "login ok from %s user=%s" % (address, quoted(user.name)))
@@ -1581,6 +1585,10 @@ class App:
             except (Failure, OSError) as e:
                 log("error", "could not upgrade the password hash of %s: %s" % (name, e))
         return user
+
+    def wrong_credentials(self, request, wants_json, target, name):
+        message = "Invalid credentials" if wants_json else "Invalid user name or password"
+        return self.login_failed(request, wants_json, 401, message, target, name)
 
     def login_failed(self, request, wants_json, status, message, target, name=""):
         if wants_json:

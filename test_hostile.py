@@ -1171,8 +1171,8 @@ def test_many_small_cookies_and_values_within_caps(srv, tokens):
     ("JSON nested 8000 deep", "application/json", b"[" * 8000, {400}),
     ("JSON NaN", "application/json", b'{"username":"alice","password":NaN}', {400}),
     ("JSON invalid UTF-8", "application/json", b'{"username":"\xff","password":"x"}', {400}),
-    ("JSON fields not strings", "application/json", b'{"username":["alice"],"password":{"a":1}}', {400}),
-    ("JSON empty fields", "application/json", b'{"username":"","password":""}', {400}),
+    ("JSON fields not strings", "application/json", b'{"username":["alice"],"password":{"a":1}}', {401}),  # issue 9 item 14: wrong credentials
+    ("JSON empty fields", "application/json", b'{"username":"","password":""}', {401}),  # issue 9 item 14: wrong credentials
     ("JSON duplicate keys", "application/json", b'{"username":"bob","username":"alice","password":"x"}', {400}),
     ("form invalid UTF-8", "application/x-www-form-urlencoded", b"username=%ff&password=x", {400}),
     ("form 30 fields", "application/x-www-form-urlencoded", b"&".join([b"a=b"] * 30), {400}),
