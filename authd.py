@@ -1290,7 +1290,9 @@ border-radius:8px}
 input:focus,button:focus{outline:3px solid var(--accent);outline-offset:2px}
 button{width:100%;margin-top:24px;padding:11px;font:inherit;font-weight:600;border:0;border-radius:8px;
 background:var(--accent);color:var(--accent-text);cursor:pointer}
-.error{margin:0 0 8px;padding:10px 12px;border-radius:8px;background:var(--error-bg);color:var(--error)}
+.error,.notice{margin:0 0 8px;padding:10px 12px;border-radius:8px;background:var(--error-bg);color:var(--error)}
+.notice{background:var(--bg);color:var(--text)}
+a{color:var(--accent)}.back{margin:20px 0 0;text-align:center}
 dl{margin:0}dt{color:var(--muted);margin-top:12px}dd{margin:0;font-weight:600;word-break:break-all}
 """
 STYLE_HASH = base64.b64encode(hashlib.sha256(STYLE.encode("utf-8")).digest()).decode("ascii")
@@ -1324,7 +1326,8 @@ LOGIN_PAGE = """<h1>Sign in</h1>
 </form>"""
 WHOAMI_PAGE = """<h1>Signed in</h1>
 <dl><dt>User</dt><dd>{name}</dd><dt>Role</dt><dd>{role}</dd><dt>Groups</dt><dd>{groups}</dd></dl>
-<form method="post" action="{action}"><button type="submit">Sign out</button></form>"""
+<form method="post" action="{action}"><button type="submit">Sign out</button></form>
+<p class="back"><a href="/">Back to the site</a></p>"""
 
 
 def page(site, title, body):
@@ -1338,6 +1341,7 @@ def page(site, title, body):
 # ---------------------------------------------------------------------------
 
 TOKEN_CACHE_SIZE = 10000
+SIGNED_OUT = "signed_out=1"  # the query of the login page after a logout
 ISSUE_SLACK = 60  # seconds a token's life may exceed AUTH_EXPIRY_DAYS (rounding, settings reloads)
 
 
@@ -1523,7 +1527,7 @@ class App:
         if wait:
             log("warning", "login rate limit hit from %s user=%s" % (request.client_ip(), quoted(name)))
             reply = self.login_failed(request, wants_json, 429, "Too many attempts; try again in %d seconds" % wait,
-                                      target)
+                                      target, name)
             reply.headers.append(("Retry-After", str(wait)))
             return reply
         return Later(self.finish_login, request, wants_json, name, password, target)
@@ -1623,7 +1627,9 @@ class App:
         cookie = ("Set-Cookie", self.clearing_cookie())
         if request.wants_json():
             return Reply(200, headers=[cookie], data={"status": "ok"})
-        return Reply(303, headers=[cookie, ("Location", self.settings.prefix + "/login")])
+        # the login page says "You are signed out" (the cookie alone cannot:
+        # it is gone by then)
+        return Reply(303, headers=[cookie, ("Location", self.settings.prefix + "/login?" + SIGNED_OUT)])
 
     def return_target(self, request):
         """Where to go after login: ?rd=, else nginx's X-Original-URI, else /."""
@@ -1642,6 +1648,8 @@ class App:
     def login_page(self, request, target, status=200, message="", name=""):
         site = host_name(request.site_host()) or "this site"
         error = '<p class="error" role="alert">%s</p>' % html.escape(message) if message else ""
+        if not message and request.method in ("GET", "HEAD") and SIGNED_OUT in request.query.split("&"):
+            error = '<p class="notice" role="status">You are signed out.</p>'
         body = LOGIN_PAGE.format(
             site=html.escape(site), action=html.escape(self.settings.prefix + "/login"),
             target=html.escape(target), error=error, name=html.escape(name),

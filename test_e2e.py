@@ -617,8 +617,9 @@ def test_logout_in_browser_then_login_is_asked_again(site, new_context):
     page.goto(site.url + "/__auth/")
     assert "bob" in page.locator("main").inner_text()
     page.get_by_role("button", name="Sign out").click()
-    page.wait_for_url(site.url + "/__auth/login")
+    page.wait_for_url(site.url + "/__auth/login?signed_out=1")
     assert page.get_by_label("Password").is_visible()
+    assert "You are signed out" in page.get_by_role("status").inner_text()  # issue 9 item 16
     assert auth_cookie(ctx) is None
     page.goto(site.url + "/some/page")
     assert page.get_by_label("Password").is_visible()
