@@ -1329,6 +1329,14 @@ WHOAMI_PAGE = """<h1>Signed in</h1>
 <form method="post" action="{action}"><button type="submit">Sign out</button></form>
 <p class="back"><a href="/">Back to the site</a></p>"""
 
+DROPPED_COOKIE_PAGE = """<h1>Not signed in</h1>
+<p class="site">to {site}</p>
+<p class="error" role="alert">Your password was right, but this page came over plain http, and your browser
+does not keep the session cookie there: it is marked Secure, for https only.</p>
+<p>Open the site over https: <a href="{https}">{https}</a></p>
+<p>If the site has no https, the administrator can set <code>AUTH_COOKIE_SECURE=false</code> in authd's settings
+(anyone on the network can then read the cookie).</p>"""
+
 
 def page(site, title, body):
     return PAGE.format(title=html.escape(title), site=html.escape(site), style=STYLE, body=body).encode("utf-8")
@@ -1564,12 +1572,14 @@ class App:
             log("warning", "login failed from %s user=%s" % (address, quoted(name)))
             return self.wrong_credentials(request, wants_json, target, name)
         self.refund_attempt(address, name)
-        self.warn_if_cookie_will_be_dropped(request)
+        dropped = self.cookie_will_be_dropped(request)
         log("info", "login ok from %s user=%s" % (address, quoted(user.name)))
         now = int(time.time())
         cookie = ("Set-Cookie", self.session_cookie(user, now, now))
         if wants_json:
             return Reply(200, headers=[cookie], data={"status": "ok", "user": user.name})
+        if dropped:  # a redirect would show the empty form again, without a word
+            return self.dropped_cookie_page(request, target, cookie)
         return Reply(303, headers=[cookie, ("Location", target)])
 
     def check_password(self, name, password):
@@ -1614,11 +1624,15 @@ class App:
             return True
         return not origin_host or origin_host != host_name(site)
 
-    def warn_if_cookie_will_be_dropped(self, request):
+    def cookie_will_be_dropped(self, request):
+        """True (and logged) when a Secure cookie goes out over plain http to
+        a host other than localhost: browsers refuse to store it."""
         if self.settings.cookie_secure and request.headers.get("x-forwarded-proto", "https").lower() == "http" \
                 and host_name(request.site_host()) not in ("localhost", "127.0.0.1", "::1"):
             log("warning", "this login came over plain http, where browsers drop the Secure cookie: "
                 "serve the site over https, or set AUTH_COOKIE_SECURE=false")
+            return True
+        return False
 
     def handle_logout(self, request):
         user, _ = self.session(request, int(time.time()))
@@ -1655,6 +1669,14 @@ class App:
             target=html.escape(target), error=error, name=html.escape(name),
             focus_name="" if name else " autofocus", focus_password=" autofocus" if name else "")
         return Reply(status, page=page(site, "Sign in", body))
+
+    def dropped_cookie_page(self, request, target, cookie):
+        """The password was right, but the browser will not keep the cookie:
+        say so, and what changes it, on the page."""
+        site = host_name(request.site_host()) or "this site"
+        https = "https://%s%s" % (request.site_host().strip(), target)
+        body = DROPPED_COOKIE_PAGE.format(site=html.escape(site), https=html.escape(https))
+        return Reply(200, headers=[cookie], page=page(site, "Not signed in", body))
 
     def handle_whoami(self, request):
         user, _ = self.session(request, int(time.time()))
