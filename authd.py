@@ -32,6 +32,7 @@ import os
 import re
 import resource
 import secrets
+import shlex
 import signal
 import socket
 import stat
@@ -224,10 +225,11 @@ class Settings:
 
 
 class SettingsError(Failure):
-    def __init__(self, problems, values=None):
+    def __init__(self, problems, values=None, warnings=()):
         super().__init__("; ".join(problems))
         self.problems = problems
         self.values = values or {}  # the settings that did parse (check still reads the users file)
+        self.warnings = list(warnings)  # listed along with the problems
 
 
 def parse_env_line(line):
@@ -304,7 +306,7 @@ def load_settings(flags=None, environ=None, env_file=None, env_required=False):
     if values.get("AUTH_COOKIE_SAMESITE") == "None" and values.get("AUTH_COOKIE_SECURE") is False:
         problems.append("AUTH_COOKIE_SAMESITE: None needs AUTH_COOKIE_SECURE=true (browsers refuse it otherwise)")
     if problems:
-        raise SettingsError(problems, values)
+        raise SettingsError(problems, values, warnings)
     return Settings(values), warnings
 
 
@@ -355,6 +357,7 @@ HASH_SLOTS = threading.BoundedSemaphore(2)         # scrypt runs at most this ma
 HASH_WAIT = 10.0                                   # seconds a login waits for a slot
 SCRYPT_RE = re.compile(r"\$scrypt\$ln=(\d{1,2}),r=(\d{1,3}),p=(\d{1,2})\$([A-Za-z0-9+/.]{1,128})\$([A-Za-z0-9+/.]{16,128})")
 CRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$", "$5$", "$6$", "$y$")
+BCRYPT_RE = re.compile(r"\$2[aby]\$[0-3][0-9]\$[./A-Za-z0-9]{53}")  # cost, 22 characters of salt, 31 of hash
 CRYPT_SAMPLES = {
     "$2a$": "$2a$04$abcdefghijklmnopqrstuu", "$2b$": "$2b$04$abcdefghijklmnopqrstuu",
     "$2y$": "$2y$04$abcdefghijklmnopqrstuu", "$5$": "$5$rounds=1000$abcdefgh",
@@ -499,8 +502,9 @@ def check_hash_format(value):
             raise ValueError("malformed {SHA} hash") from None
     elif value.startswith(CRYPT_PREFIXES):
         prefix = next(p for p in CRYPT_PREFIXES if value.startswith(p))
-        if not re.fullmatch(r"\$[0-9a-z]{1,2}\$[./0-9A-Za-z$=,]{8,200}", value):
-            raise ValueError("malformed %s hash" % prefix)
+        if not re.fullmatch(r"\$[0-9a-z]{1,2}\$[./0-9A-Za-z$=,]{8,200}", value) or (
+                prefix.startswith("$2") and not BCRYPT_RE.fullmatch(value)):
+            raise ValueError("malformed %s hash" % ("%s bcrypt" % prefix if prefix.startswith("$2") else prefix))
         cost = re.match(r"\$2.\$(\d\d)\$|\$[56]\$rounds=(\d+)\$", value)
         if cost and (int(cost.group(1) or 0) > 16 or int(cost.group(2) or 0) > 1000000):
             raise ValueError("%s hash is too costly to verify (bcrypt cost over 16 or over a million rounds)" % prefix)
@@ -600,6 +604,8 @@ def parse_user_line(line):
         raise ValueError("too many ':' (expected name:hash or name:hash:groups)")
     name, password_hash = fields[0], fields[1]
     check_name(name)
+    if is_plaintext(password_hash):
+        password_hash = password_hash.rstrip(" \t")  # an editor's leftover, not the password (plaintext_warnings says so)
     if not password_hash:
         raise ValueError("user %s has an empty password" % name)
     groups = fields[2].split(",") if len(fields) == 3 and fields[2] else []
@@ -637,20 +643,48 @@ def parse_users_text(text, path):
 
 def read_users_file(path):
     """(entries, users) of the users file; an absent file has no users."""
+    text = read_users_text(path)
+    return parse_users_text(text, path) if text is not None else ([], {})
+
+
+def read_users_text(path):
+    """The users file's text, or None when it does not exist."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_USERS_FILE + 1)
     except FileNotFoundError:
-        return [], {}
+        return None
     except OSError as e:
         raise UsersFileError(["%s: cannot read: %s" % (path, e.strerror)])
     if len(data) > MAX_USERS_FILE:
         raise UsersFileError(["%s: larger than %d MiB" % (path, MAX_USERS_FILE >> 20)])
     try:
-        text = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise UsersFileError(["%s: not UTF-8 text (byte %d)" % (path, e.start)])
-    return parse_users_text(text, path)
+
+
+DES_RE = re.compile(r"[./0-9A-Za-z]{13}")  # htpasswd -d
+
+
+def plaintext_warnings(text, path):
+    """What a plaintext password line may not mean as typed: white space at
+    its end (removed), or a DES hash pasted from htpasswd (taken as the
+    password itself)."""
+    warnings = []
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split(":")
+        if line.lstrip().startswith("#") or len(fields) < 2 or not is_plaintext(fields[1]):
+            continue
+        where, name, password = "%s line %d" % (path, number), fields[0], fields[1]
+        if password != password.rstrip(" \t"):
+            warnings.append("%s: the plaintext password of %s ends in white space, which authd removes"
+                            % (where, name))
+        if DES_RE.fullmatch(password):
+            warnings.append("%s: the password of %s looks like a DES hash from htpasswd, but authd takes it as a "
+                            "plaintext password; import htpasswd files with 'authd.py import-htpasswd FILE', or set "
+                            "the password with 'authd.py passwd %s'" % (where, name, name))
+    return warnings
 
 
 def render_users(entries):
@@ -804,6 +838,8 @@ class UsersStore:
         signature = self.file_signature()
         _, users = read_users_file(self.path)
         if any(is_plaintext(u.hash) for u in users.values()):
+            for warning in plaintext_warnings(read_users_text(self.path) or "", self.path):
+                log("warning", warning)
             names = hash_plaintext_lines(self.path)
             log("info", "hashed the plaintext passwords of %s in %s" % (", ".join(names), self.path))
             signature = self.file_signature()
@@ -1958,6 +1994,19 @@ def unix_socket(path, mode):
     return sock, "unix:" + path
 
 
+def exposed_host_warning(host):
+    """A warning when authd listens on HOST, an address that is not loopback;
+    else None."""
+    try:
+        if host == "localhost" or ipaddress.ip_address(host.split("%", 1)[0]).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return ("AUTH_HOST %s is not a loopback address: clients on the network can reach authd directly, around "
+            "nginx. Listen on 127.0.0.1 (or AUTH_SOCKET) unless nginx runs on another machine, and then let a "
+            "firewall admit only that machine" % host)
+
+
 def describe(sock):
     if sock.family == socket.AF_UNIX:
         return "unix:%s" % sock.getsockname()
@@ -2060,8 +2109,12 @@ def reload_settings(app, args):
 # running server picks it up by itself.
 # ---------------------------------------------------------------------------
 
-def read_password(prompt=True):
-    """A new password: asked twice on a terminal, else the first line of stdin."""
+MIN_PASSWORD = 8  # characters a new password needs, unless --allow-short
+
+
+def read_password(prompt=True, minimum=1):
+    """A new password of at least MINIMUM characters: asked twice on a
+    terminal, else the first line of stdin."""
     if prompt and sys.stdin is not None and sys.stdin.isatty():
         first = getpass.getpass("Password: ")
         if first != getpass.getpass("Password again: "):
@@ -2074,6 +2127,9 @@ def read_password(prompt=True):
         password = line.rstrip("\r\n")
     if not password:
         raise Failure("the password is empty")
+    if len(password) < minimum:
+        raise Failure("the password has %d characters; use at least %d (or pass --allow-short to take it anyway)"
+                      % (len(password), minimum))
     if len(password) > 1024:
         raise Failure("the password is longer than 1024 characters")
     return password
@@ -2106,7 +2162,9 @@ def command_adduser(args, settings):
     except ValueError as e:
         raise Failure(str(e)) from None
     groups = parse_groups(args.groups, args.admin)
-    new_hash = hash_password(read_password())
+    if args.name in read_users_file(settings.users_file)[1]:  # before asking a password that would be thrown away
+        raise Failure("user %s already exists (use 'passwd' to change the password)" % args.name)
+    new_hash = hash_password(read_password(minimum=1 if args.allow_short else MIN_PASSWORD))
 
     def add(entries, users):
         if args.name in users:
@@ -2125,7 +2183,7 @@ def require_user(users, name, path):
 def command_passwd(args, settings):
     _, users = read_users_file(settings.users_file)
     require_user(users, args.name, settings.users_file)  # ask for no password that would be thrown away
-    new_hash = hash_password(read_password())
+    new_hash = hash_password(read_password(minimum=1 if args.allow_short else MIN_PASSWORD))
 
     def change(entries, users):
         require_user(users, args.name, settings.users_file)
@@ -2188,18 +2246,39 @@ def command_import_htpasswd(args, settings):
         print("skipped " + line)
 
 
-def users_file_problems(path):
-    """Every problem of the users file at PATH (printing notes as it goes)."""
+def adduser_command(path):
+    return "python3 authd.py adduser NAME --users %s" % shlex.quote(str(path))
+
+
+def users_file_report(path):
+    """(problems, warnings) of the users file at PATH, for check; notes
+    are printed as it goes."""
     try:
-        _, users = read_users_file(path)
+        text = read_users_text(path)
     except UsersFileError as e:
-        return e.problems
+        return e.problems, []
+    if text is None:  # the server would start with no users: most likely a typo
+        return ["%s does not exist (is the --users path or AUTH_USERS_FILE right?); to start it, add a user "
+                "with: %s" % (path, adduser_command(path))], []
+    warnings = plaintext_warnings(text, path)
+    try:
+        _, users = parse_users_text(text, path)
+    except UsersFileError as e:
+        return e.problems, warnings
     if not users:
-        print("note: %s has no users yet; add one with: python3 authd.py adduser NAME" % path)
+        warnings.append("%s has no users yet; add one with: %s" % (path, adduser_command(path)))
     plaintext = [u.name for u in users.values() if is_plaintext(u.hash)]
     if plaintext:
         print("note: plaintext passwords for %s will be hashed when the server starts" % ", ".join(plaintext))
-    return []
+    return [], warnings
+
+
+def print_report(problems, warnings):
+    """check's verdict: every warning and every problem, then 0 or 1."""
+    for warning in warnings:
+        print("authd: warning: " + warning, file=sys.stderr)
+    print_problems(problems)
+    return 1 if problems else 0
 
 
 def command_check(args, settings):
@@ -2209,11 +2288,12 @@ def command_check(args, settings):
     except Failure as e:
         if settings.token_secrets or os.path.exists(settings.secret_file):
             problems.append(str(e))
-    problems += users_file_problems(settings.users_file)
-    print_problems(problems)
-    if problems:
+    more, warnings = users_file_report(settings.users_file)
+    if not settings.socket and exposed_host_warning(settings.host):
+        warnings.insert(0, exposed_host_warning(settings.host))
+    if print_report(problems + more, warnings):
         return 1
-    print("ok: settings and %s are valid" % settings.users_file)
+    print("ok: settings and %s are valid%s" % (settings.users_file, " (with warnings)" if warnings else ""))
     return 0
 
 
@@ -2229,6 +2309,8 @@ def command_serve(args, settings):
     except OSError as e:
         raise Failure("cannot listen on %s: %s" % (settings.socket or "%s:%d" % (settings.host, settings.port),
                                                   e.strerror or e))
+    if sock.family != socket.AF_UNIX and exposed_host_warning(sock.getsockname()[0]):
+        log("warning", exposed_host_warning(sock.getsockname()[0]))
     allow_open_files(settings.max_connections + 64)
     server = Server(app, sock, where)
     if where == "unix:" + str(settings.socket):
@@ -2270,6 +2352,9 @@ def build_parser():
     add.add_argument("--groups", metavar="G1,G2", help="comma-separated groups")
     passwd = commands.add_parser("passwd", parents=[common], help="set a user's password")
     passwd.add_argument("name")
+    for command in (add, passwd):
+        command.add_argument("--allow-short", action="store_true",
+                             help="accept a password shorter than %d characters" % MIN_PASSWORD)
     deluser = commands.add_parser("deluser", parents=[common], help="remove a user")
     deluser.add_argument("name")
     commands.add_parser("users", parents=[common], help="list users and groups (never hashes)")
@@ -2295,6 +2380,17 @@ def settings_from_args(args):
 # error an operator can cause ends as one line on stderr and an exit status.
 # ---------------------------------------------------------------------------
 
+def settings_failed(args, error):
+    """Bad settings: list every problem, and every warning with them (check:
+    the users file's too). The exit status: check 1, other commands 2."""
+    problems, warnings = list(error.problems), list(error.warnings)
+    if args.command == "check" and error.values.get("AUTH_USERS_FILE"):
+        more, more_warnings = users_file_report(error.values["AUTH_USERS_FILE"])
+        problems, warnings = problems + more, warnings + more_warnings
+    print_report(problems, warnings)
+    return 1 if args.command == "check" else 2
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
@@ -2304,11 +2400,7 @@ def main(argv=None):
         try:
             settings, warnings = settings_from_args(args)
         except SettingsError as e:
-            problems = list(e.problems)
-            if args.command == "check" and e.values.get("AUTH_USERS_FILE"):
-                problems += users_file_problems(e.values["AUTH_USERS_FILE"])  # check lists every problem
-            print_problems(problems)
-            return 1 if args.command == "check" else 2
+            return settings_failed(args, e)
         for warning in warnings:
             log("warning", warning)
         return COMMANDS[args.command](args, settings) or 0

@@ -1351,7 +1351,7 @@ def test_passwd_same_password_still_invalidates(tmp_path, authd):
     """A new salt means a new hash: tokens from before the change die even for the same password."""
     d = _rev_server(authd)
     tok = d.login("carol", "c-pw")
-    cp = run_cli("passwd", "carol", input="c-pw\n", env=_cli_env(d), cwd=str(tmp_path))
+    cp = run_cli("passwd", "carol", "--allow-short", input="c-pw\n", env=_cli_env(d), cwd=str(tmp_path))
     assert cp.returncode == 0, cp.stderr
     assert wait_until(lambda: d.auth(tok).status == 401)
 
@@ -1525,9 +1525,9 @@ def test_hash_without_password_fails_cleanly(tmp_path):
 
 def test_adduser_users_deluser_cycle(tmp_path, authd):
     write_users(tmp_path / "users.txt", ["# my users", "", "zed:" + fast_hash("z")], mode=0o640)
-    cp = _cli(tmp_path, "adduser", "ann", "--admin", "--groups", "dev,ops", input="ann-pw\n")
+    cp = _cli(tmp_path, "adduser", "ann", "--admin", "--groups", "dev,ops", "--allow-short", input="ann-pw\n")
     assert cp.returncode == 0, cp.stderr
-    cp = _cli(tmp_path, "adduser", "ben", input="ben-pw\n")
+    cp = _cli(tmp_path, "adduser", "ben", "--allow-short", input="ben-pw\n")
     assert cp.returncode == 0, cp.stderr
     text = (tmp_path / "users.txt").read_text()
     lines = text.splitlines()

@@ -1504,7 +1504,7 @@ def test_concurrent_adduser_both_land(tmp_path):
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
             procs.append(p)
         for p in procs:
-            out, err = p.communicate(b"pw\n", timeout=120)
+            out, err = p.communicate(b"pw-long-enough\n", timeout=120)
             assert p.returncode == 0, err
         _, users = A.parse_users_text(path.read_text(), str(path))
         assert set(users) == expected
