@@ -666,7 +666,7 @@ def test_fuzz_login_body_never_raises_but_valueerror(content_type, body):
         name, password, target = A.parse_login_body(body_request(content_type, body))
     except ValueError:
         return
-    assert isinstance(name, str) and isinstance(password, str) and name and password
+    assert isinstance(name, str) and isinstance(password, str)  # "" when missing: a 401 (issue 9 item 14)
     assert target is None or isinstance(target, str)
 
 
