@@ -164,9 +164,50 @@ def secret_list(value):
         return None
     for key in keys:
         if len(key) < 32:
-            raise ValueError("each secret must be at least 32 characters (one has %d); %s"
+            raise ValueError("each secret must be at least 32 characters (one has %d): a shorter key can be guessed "
+                             "offline from any token it signed, and whoever guesses it can sign in as anyone. "
+                             "Sessions do not carry over from another server anyway, so a new key costs nothing; %s"
                              % (len(key), SECRET_HINT))
     return keys
+
+
+def cookie_overrides(value):
+    """AUTH_COOKIE_OVERRIDES, the upstream Express project's JSON object of
+    cookie options -> {"domain": ..., "sameSite": ..., other keys: None}."""
+    if not value.strip():
+        return None
+    try:
+        options = strict_json(value.encode("utf-8"))
+    except (ValueError, UnicodeError, RecursionError):
+        raise ValueError("must be a JSON object, such as {\"sameSite\": \"strict\"}") from None
+    if not isinstance(options, dict):
+        raise ValueError("must be a JSON object, such as {\"sameSite\": \"strict\"}")
+    result = dict.fromkeys(options)
+    if "domain" in options:
+        result["domain"] = SETTINGS["AUTH_COOKIE_DOMAIN"].parse(str(options["domain"]))
+    if "sameSite" in options:
+        same_site = options["sameSite"]
+        if same_site is True:  # what Express means by true
+            same_site = "Strict"
+        if not isinstance(same_site, str):
+            raise ValueError("sameSite must be \"strict\", \"lax\" or \"none\"")
+        result["sameSite"] = SETTINGS["AUTH_COOKIE_SAMESITE"].parse(same_site)
+    return result
+
+
+def apply_cookie_overrides(values, given, warnings):
+    """AUTH_COOKIE_OVERRIDES' domain and sameSite stand for AUTH_COOKIE_DOMAIN
+    and AUTH_COOKIE_SAMESITE where those are not set; other keys have no
+    meaning here, and are named in a warning."""
+    overrides = values.get("AUTH_COOKIE_OVERRIDES") or {}
+    for key, name in (("domain", "AUTH_COOKIE_DOMAIN"), ("sameSite", "AUTH_COOKIE_SAMESITE")):
+        if key in overrides and name not in given:
+            values[name] = overrides[key]
+    ignored = [key for key in overrides if key not in ("domain", "sameSite")]
+    if ignored:
+        warnings.append("AUTH_COOKIE_OVERRIDES: ignored %s (authd takes domain and sameSite from it; its cookie is "
+                        "always HttpOnly with Path=/, its life is AUTH_EXPIRY_DAYS, and Secure is "
+                        "AUTH_COOKIE_SECURE)" % ", ".join(quoted(key) for key in ignored))
 
 
 LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
@@ -193,15 +234,17 @@ SETTINGS = {
                                                "must be a domain name such as example.com", optional),
                                   "cookie_domain", True),
     "AUTH_COOKIE_SAMESITE": Setting("Lax", one_of("Strict", "Lax", "None"), "cookie_samesite", True),
-    "AUTH_PREFIX": Setting("/__auth", matching(r"(/[A-Za-z0-9._~-]+)+",
-                                               "must be a path such as /__auth (no trailing slash)"), "prefix", False),
+    "AUTH_PREFIX": Setting("/__auth", matching(r"(/[A-Za-z0-9._~-]+)*", "must be a path such as /__auth (no "
+                                               "trailing slash), or empty for the root"), "prefix", False),
+    "AUTH_PASSWORD": Setting("", optional, "password", True),
+    "AUTH_COOKIE_OVERRIDES": Setting("", cookie_overrides, "cookie_overrides", True),
     "AUTH_LOGIN_RATE": Setting("15/900", login_rate, "login_rate", True),
     "AUTH_MAX_CONNECTIONS": Setting("10000", whole_number(1, 1000000), "max_connections", False),
     "AUTH_CACHE_SECONDS": Setting("0", whole_number(0, 3600, "seconds"), "cache_seconds", True),
     "AUTH_IDLE_TIMEOUT": Setting("75", real_number("seconds", "75", DAY), "idle_timeout", True),
     "AUTH_HEADER_TIMEOUT": Setting("10", real_number("seconds", "10", DAY), "header_timeout", True),
 }
-SECRET_SETTINGS = ("AUTH_TOKEN_SECRET", "AUTH_BYPASS")  # never echoed in a message
+SECRET_SETTINGS = ("AUTH_TOKEN_SECRET", "AUTH_BYPASS", "AUTH_PASSWORD")  # never echoed in a message
 
 
 class Settings:
@@ -295,14 +338,16 @@ def load_settings(flags=None, environ=None, env_file=None, env_required=False):
     environ = os.environ if environ is None else environ
     env_file = env_file or os.path.join(HERE, ".env")
     file_values, warnings = read_env_file(env_file, env_required)
-    values, problems = {}, []
+    values, problems, given = {}, [], set()
     for name, setting in SETTINGS.items():
-        raw = next((source[name] for source in (flags, environ, file_values) if source.get(name) is not None),
-                   setting.default)
+        source = next((source for source in (flags, environ, file_values) if source.get(name) is not None), None)
+        raw = setting.default if source is None else source[name]
+        given.update([name] if source is not None else [])
         try:
             values[name] = setting.parse(str(raw))
         except ValueError as e:
             problems.append("%s: %s (got %r)" % (name, e, "..." if name in SECRET_SETTINGS else raw))
+    apply_cookie_overrides(values, given, warnings)
     if values.get("AUTH_COOKIE_SAMESITE") == "None" and values.get("AUTH_COOKIE_SECURE") is False:
         problems.append("AUTH_COOKIE_SAMESITE: None needs AUTH_COOKIE_SECURE=true (browsers refuse it otherwise)")
     if problems:
@@ -409,8 +454,8 @@ def scrypt(password, salt, n, r, p, length):
         return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=memory, dklen=length)
 
 
-def hash_password(password):
-    salt = secrets.token_bytes(16)
+def hash_password(password, salt=None):
+    salt = salt or secrets.token_bytes(16)
     checksum = scrypt(password.encode("utf-8"), salt, 2 ** SCRYPT_LN, SCRYPT_R, SCRYPT_P, 32)
     return "$scrypt$ln=%d,r=%d,p=%d$%s$%s" % (SCRYPT_LN, SCRYPT_R, SCRYPT_P, _b64_encode(salt), _b64_encode(checksum))
 
@@ -605,7 +650,7 @@ def parse_user_line(line):
     name, password_hash = fields[0], fields[1]
     check_name(name)
     if is_plaintext(password_hash):
-        password_hash = password_hash.rstrip(" \t")  # an editor's leftover, not the password (plaintext_warnings says so)
+        password_hash = password_hash.rstrip(" \t")  # an editor's leftover (plaintext_warnings says so)
     if not password_hash:
         raise ValueError("user %s has an empty password" % name)
     groups = fields[2].split(",") if len(fields) == 3 and fields[2] else []
@@ -822,7 +867,10 @@ class UsersStore:
 
     def __init__(self, path):
         self.path = path
-        self.users = {}
+        self.users = {}            # what the server answers from: file_users, or AUTH_PASSWORD's user
+        self.file_users = {}
+        self.password_user = None  # AUTH_PASSWORD as the user "user" (the upstream project's way)
+        self.mode = None
         self.signature = None
 
     def file_signature(self):
@@ -844,8 +892,28 @@ class UsersStore:
             log("info", "hashed the plaintext passwords of %s in %s" % (", ".join(names), self.path))
             signature = self.file_signature()
             _, users = read_users_file(self.path)
-        self.users, self.signature = users, signature
-        return users
+        self.file_users, self.signature = users, signature
+        self.publish()
+        return self.users
+
+    def set_password_user(self, user):
+        self.password_user = user
+        self.publish()
+
+    def in_password_mode(self):
+        return self.users is not self.file_users
+
+    def publish(self):
+        """self.users: the file's users; while it has none, AUTH_PASSWORD's
+        user. Says so when that changes."""
+        if self.file_users or self.password_user is None:
+            self.users = self.file_users
+        else:
+            self.users = {self.password_user.name: self.password_user}
+        mode = "password" if self.in_password_mode() else "ignored" if self.password_user else "file"
+        if mode != self.mode and mode != "file":
+            log("warning", password_mode_message(mode == "password", self.path))
+        self.mode = mode
 
     def changed(self):
         return self.file_signature() != self.signature
@@ -856,6 +924,26 @@ class UsersStore:
         edit_users_file(self.path, lambda entries, users: set_hash(entries, name, new_hash))
         self.load()
         return self.users.get(name)
+
+
+PASSWORD_USER = "user"  # the upstream project's name for the one AUTH_PASSWORD user
+
+
+def password_mode_message(active, path):
+    if active:
+        return ("AUTH_PASSWORD is the one user %s while %s has no users, as in the upstream auth-server; to name "
+                "your users instead: %s, then remove AUTH_PASSWORD"
+                % (quoted(PASSWORD_USER), path, adduser_command(path)))
+    return "AUTH_PASSWORD is ignored: %s has users (remove it from the settings)" % path
+
+
+@functools.lru_cache(maxsize=2)
+def password_user(password, key):
+    """AUTH_PASSWORD as a User. The salt comes from KEY (the oldest signing
+    key), so the hash, and with it every session, outlives a restart, and a
+    new AUTH_PASSWORD ends them as a new password would."""
+    salt = hmac.new(key, b"authd AUTH_PASSWORD salt", hashlib.sha256).digest()[:16]
+    return User(PASSWORD_USER, hash_password(password, salt), ())
 
 
 # ---------------------------------------------------------------------------
@@ -1385,6 +1473,7 @@ def page(site, title, body):
 # ---------------------------------------------------------------------------
 
 TOKEN_CACHE_SIZE = 10000
+UPSTREAM_PATHS = ("/auth", "/login", "/logout", "/logged-in")  # andygock/auth-server's endpoints
 SIGNED_OUT = "signed_out=1"  # the query of the login page after a logout
 ISSUE_SLACK = 60  # seconds a token's life may exceed AUTH_EXPIRY_DAYS (rounding, settings reloads)
 
@@ -1436,17 +1525,31 @@ class App:
             # every login, successful ones too (which the two above refund):
             # one valid account must not buy unlimited password hashes
             self.hash_limits = RateLimiter(limit * NAME_LIMIT_FACTOR, window)
-        p = settings.prefix
-        self.routes = {
+        self.routes, self.root_paths = self.route_table(settings.prefix)
+        self.store.set_password_user(password_user(settings.password, keys[-1]) if settings.password else None)
+
+    def route_table(self, p):
+        """(routes, root paths). With the default prefix, the upstream
+        project's endpoints answer at the root too, so its nginx block works
+        unchanged; pages link under the prefix the request came in on."""
+        routes = {
             p + "/auth": ("*", self.handle_auth),
             p + "/admin": ("*", self.handle_admin),
             p + "/login": ("GET, HEAD, POST", self.handle_login),
             p + "/logout": ("GET, HEAD, POST", self.handle_logout),
             p + "/": ("GET, HEAD", self.handle_whoami),
             p + "/logged-in": ("GET, HEAD", self.handle_whoami),
-            p: ("GET, HEAD", self.handle_whoami),
             p + "/healthz": ("GET, HEAD", self.handle_health),
         }
+        if p:
+            routes[p] = ("GET, HEAD", self.handle_whoami)
+        root_paths = frozenset(UPSTREAM_PATHS if p == SETTINGS["AUTH_PREFIX"].default else ())
+        routes.update((path, routes[p + path]) for path in root_paths)
+        return routes, root_paths
+
+    def base(self, request):
+        """The prefix REQUEST came in under: "" for a root path."""
+        return "" if request.path in self.root_paths else self.settings.prefix
 
     def dispatch(self, request):
         """Request -> Reply (or Later) from the route table."""
@@ -1563,6 +1666,8 @@ class App:
             return self.login_failed(request, wants_json, status, str(e), target)
         if form_target is not None:
             target = safe_target(form_target)
+        if not name and wants_json and self.store.in_password_mode():
+            name = PASSWORD_USER  # the upstream page sends the password alone
         if not name or not password:  # no hash to run: refused at once
             log("warning", "login failed from %s user=%s (no %s)"
                 % (request.client_ip(), quoted(name), "password" if name else "user name"))
@@ -1679,7 +1784,7 @@ class App:
             return Reply(200, headers=[cookie], data={"status": "ok"})
         # the login page says "You are signed out" (the cookie alone cannot:
         # it is gone by then)
-        return Reply(303, headers=[cookie, ("Location", self.settings.prefix + "/login?" + SIGNED_OUT)])
+        return Reply(303, headers=[cookie, ("Location", self.base(request) + "/login?" + SIGNED_OUT)])
 
     def return_target(self, request):
         """Where to go after login: ?rd=, else nginx's X-Original-URI, else /."""
@@ -1689,19 +1794,26 @@ class App:
             rd = None
         if rd is None:
             rd = request.headers.get("x-original-uri")
-            if rd is not None and rd.startswith(self.settings.prefix + "/"):
+            if rd is not None and self.is_own_page(rd):
                 rd = None  # the login page itself; nothing to return to
         return safe_target(rd or "/")
+
+    def is_own_page(self, uri):
+        """URI is one of authd's pages (a direct visit to the login page)."""
+        path, p = uri.split("?", 1)[0], self.settings.prefix
+        return (bool(p) and (path == p or path.startswith(p + "/"))) or path in self.root_paths \
+            or path in (p + "/login", p + "/logout", p + "/logged-in")
 
     # -- pages ----------------------------------------------------------------
 
     def login_page(self, request, target, status=200, message="", name=""):
         site = host_name(request.site_host()) or "this site"
+        name = name or (PASSWORD_USER if self.store.in_password_mode() else "")  # only the password is asked
         error = '<p class="error" role="alert">%s</p>' % html.escape(message) if message else ""
         if not message and request.method in ("GET", "HEAD") and SIGNED_OUT in request.query.split("&"):
             error = '<p class="notice" role="status">You are signed out.</p>'
         body = LOGIN_PAGE.format(
-            site=html.escape(site), action=html.escape(self.settings.prefix + "/login"),
+            site=html.escape(site), action=html.escape(self.base(request) + "/login"),
             target=html.escape(target), error=error, name=html.escape(name),
             focus_name="" if name else " autofocus", focus_password=" autofocus" if name else "")
         return Reply(status, page=page(site, "Sign in", body))
@@ -1717,10 +1829,10 @@ class App:
     def handle_whoami(self, request):
         user, _ = self.session(request, int(time.time()))
         if user is None:
-            return Reply(303, headers=[("Location", self.settings.prefix + "/login")])
+            return Reply(303, headers=[("Location", self.base(request) + "/login")])
         groups = ", ".join(user.groups) or "none"
         body = WHOAMI_PAGE.format(name=html.escape(user.name), role="an administrator" if user.admin else "a user",
-                                  groups=html.escape(groups), action=html.escape(self.settings.prefix + "/logout"))
+                                  groups=html.escape(groups), action=html.escape(self.base(request) + "/logout"))
         return Reply(200, page=page(host_name(request.site_host()) or "this site", "Signed in", body))
 
     def busy(self, request, wants_json=None, target=None):
@@ -2250,13 +2362,15 @@ def adduser_command(path):
     return "python3 authd.py adduser NAME --users %s" % shlex.quote(str(path))
 
 
-def users_file_report(path):
-    """(problems, warnings) of the users file at PATH, for check; notes
-    are printed as it goes."""
+def users_file_report(path, password=None):
+    """(problems, warnings) of the users file at PATH, for check (PASSWORD:
+    AUTH_PASSWORD's); notes are printed as it goes."""
     try:
         text = read_users_text(path)
     except UsersFileError as e:
         return e.problems, []
+    if text is None and password:
+        return [], ["%s does not exist; %s" % (path, password_mode_message(True, path))]
     if text is None:  # the server would start with no users: most likely a typo
         return ["%s does not exist (is the --users path or AUTH_USERS_FILE right?); to start it, add a user "
                 "with: %s" % (path, adduser_command(path))], []
@@ -2265,7 +2379,9 @@ def users_file_report(path):
         _, users = parse_users_text(text, path)
     except UsersFileError as e:
         return e.problems, warnings
-    if not users:
+    if password:
+        warnings.append(password_mode_message(not users, path))
+    elif not users:
         warnings.append("%s has no users yet; add one with: %s" % (path, adduser_command(path)))
     plaintext = [u.name for u in users.values() if is_plaintext(u.hash)]
     if plaintext:
@@ -2288,7 +2404,7 @@ def command_check(args, settings):
     except Failure as e:
         if settings.token_secrets or os.path.exists(settings.secret_file):
             problems.append(str(e))
-    more, warnings = users_file_report(settings.users_file)
+    more, warnings = users_file_report(settings.users_file, settings.password)
     if not settings.socket and exposed_host_warning(settings.host):
         warnings.insert(0, exposed_host_warning(settings.host))
     if print_report(problems + more, warnings):
@@ -2301,9 +2417,9 @@ def command_serve(args, settings):
     keys = load_secrets(settings)
     store = UsersStore(settings.users_file)
     store.load()
+    app = App(settings, keys, store)  # AUTH_PASSWORD's user, if any, comes with the settings
     if not store.users:
-        log("warning", "no users yet: add one with: python3 authd.py adduser NAME --users %s" % settings.users_file)
-    app = App(settings, keys, store)
+        log("warning", "no users yet: add one with: %s" % adduser_command(settings.users_file))
     try:
         sock, where = listening_socket(settings)
     except OSError as e:
@@ -2385,7 +2501,7 @@ def settings_failed(args, error):
     the users file's too). The exit status: check 1, other commands 2."""
     problems, warnings = list(error.problems), list(error.warnings)
     if args.command == "check" and error.values.get("AUTH_USERS_FILE"):
-        more, more_warnings = users_file_report(error.values["AUTH_USERS_FILE"])
+        more, more_warnings = users_file_report(error.values["AUTH_USERS_FILE"], error.values.get("AUTH_PASSWORD"))
         problems, warnings = problems + more, warnings + more_warnings
     print_report(problems, warnings)
     return 1 if args.command == "check" else 2
