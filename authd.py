@@ -35,6 +35,7 @@ import os
 import re
 import resource
 import secrets
+import shlex
 import signal
 import socket
 import stat
@@ -276,9 +277,50 @@ def secret_list(value):
         return None
     for key in keys:
         if len(key) < 32:
-            raise ValueError("each secret must be at least 32 characters (one has %d); %s"
+            raise ValueError("each secret must be at least 32 characters (one has %d): a shorter key can be guessed "
+                             "offline from any token it signed, and whoever guesses it can sign in as anyone. "
+                             "Sessions do not carry over from another server anyway, so a new key costs nothing; %s"
                              % (len(key), SECRET_HINT))
     return keys
+
+
+def cookie_overrides(value):
+    """AUTH_COOKIE_OVERRIDES, the upstream Express project's JSON object of
+    cookie options -> {"domain": ..., "sameSite": ..., other keys: None}."""
+    if not value.strip():
+        return None
+    try:
+        options = strict_json(value.encode("utf-8"))
+    except (ValueError, UnicodeError, RecursionError):
+        raise ValueError("must be a JSON object, such as {\"sameSite\": \"strict\"}") from None
+    if not isinstance(options, dict):
+        raise ValueError("must be a JSON object, such as {\"sameSite\": \"strict\"}")
+    result = dict.fromkeys(options)
+    if "domain" in options:
+        result["domain"] = SETTINGS["AUTH_COOKIE_DOMAIN"].parse(str(options["domain"]))
+    if "sameSite" in options:
+        same_site = options["sameSite"]
+        if same_site is True:  # what Express means by true
+            same_site = "Strict"
+        if not isinstance(same_site, str):
+            raise ValueError("sameSite must be \"strict\", \"lax\" or \"none\"")
+        result["sameSite"] = SETTINGS["AUTH_COOKIE_SAMESITE"].parse(same_site)
+    return result
+
+
+def apply_cookie_overrides(values, given, warnings):
+    """AUTH_COOKIE_OVERRIDES' domain and sameSite stand for AUTH_COOKIE_DOMAIN
+    and AUTH_COOKIE_SAMESITE where those are not set; other keys have no
+    meaning here, and are named in a warning."""
+    overrides = values.get("AUTH_COOKIE_OVERRIDES") or {}
+    for key, name in (("domain", "AUTH_COOKIE_DOMAIN"), ("sameSite", "AUTH_COOKIE_SAMESITE")):
+        if key in overrides and name not in given:
+            values[name] = overrides[key]
+    ignored = [key for key in overrides if key not in ("domain", "sameSite")]
+    if ignored:
+        warnings.append("AUTH_COOKIE_OVERRIDES: ignored %s (authd takes domain and sameSite from it; its cookie is "
+                        "always HttpOnly with Path=/, its life is AUTH_EXPIRY_DAYS, and Secure is "
+                        "AUTH_COOKIE_SECURE)" % ", ".join(quoted(key) for key in ignored))
 
 
 LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
@@ -306,15 +348,17 @@ SETTINGS = {
                                                "must be a domain name such as example.com", optional),
                                   "cookie_domain", True),
     "AUTH_COOKIE_SAMESITE": Setting("Lax", one_of("Strict", "Lax", "None"), "cookie_samesite", True),
-    "AUTH_PREFIX": Setting("/__auth", matching(r"(/[A-Za-z0-9._~-]+)+",
-                                               "must be a path such as /__auth (no trailing slash)"), "prefix", False),
+    "AUTH_PREFIX": Setting("/__auth", matching(r"(/[A-Za-z0-9._~-]+)*", "must be a path such as /__auth (no "
+                                               "trailing slash), or empty for the root"), "prefix", False),
+    "AUTH_PASSWORD": Setting("", optional, "password", True),
+    "AUTH_COOKIE_OVERRIDES": Setting("", cookie_overrides, "cookie_overrides", True),
     "AUTH_LOGIN_RATE": Setting("15/900", login_rate, "login_rate", True),
     "AUTH_MAX_CONNECTIONS": Setting("10000", whole_number(1, 1000000), "max_connections", False),
     "AUTH_CACHE_SECONDS": Setting("0", whole_number(0, 3600, "seconds"), "cache_seconds", True),
     "AUTH_IDLE_TIMEOUT": Setting("75", real_number("seconds", "75", DAY), "idle_timeout", True),
     "AUTH_HEADER_TIMEOUT": Setting("10", real_number("seconds", "10", DAY), "header_timeout", True),
 }
-SECRET_SETTINGS = ("AUTH_TOKEN_SECRET", "AUTH_BYPASS")  # never echoed in a message
+SECRET_SETTINGS = ("AUTH_TOKEN_SECRET", "AUTH_BYPASS", "AUTH_PASSWORD")  # never echoed in a message
 
 
 class Settings:
@@ -341,10 +385,11 @@ class Settings:
 
 
 class SettingsError(Failure):
-    def __init__(self, problems, values=None):
+    def __init__(self, problems, values=None, warnings=()):
         super().__init__("; ".join(problems))
         self.problems = problems
         self.values = values or {}  # the settings that did parse (check still reads the users file)
+        self.warnings = list(warnings)  # listed along with the problems
 
 
 def parse_env_line(line):
@@ -410,18 +455,20 @@ def load_settings(flags=None, environ=None, env_file=None, env_required=False):
     environ = os.environ if environ is None else environ
     env_file = env_file or os.path.join(HERE, ".env")
     file_values, warnings = read_env_file(env_file, env_required)
-    values, problems = {}, []
+    values, problems, given = {}, [], set()
     for name, setting in SETTINGS.items():
-        raw = next((source[name] for source in (flags, environ, file_values) if source.get(name) is not None),
-                   setting.default)
+        source = next((source for source in (flags, environ, file_values) if source.get(name) is not None), None)
+        raw = setting.default if source is None else source[name]
+        given.update([name] if source is not None else [])
         try:
             values[name] = setting.parse(str(raw))
         except ValueError as e:
             problems.append("%s: %s (got %r)" % (name, e, "..." if name in SECRET_SETTINGS else raw))
+    apply_cookie_overrides(values, given, warnings)
     if values.get("AUTH_COOKIE_SAMESITE") == "None" and values.get("AUTH_COOKIE_SECURE") is False:
         problems.append("AUTH_COOKIE_SAMESITE: None needs AUTH_COOKIE_SECURE=true (browsers refuse it otherwise)")
     if problems:
-        raise SettingsError(problems, values)
+        raise SettingsError(problems, values, warnings)
     return Settings(values), warnings
 
 
@@ -481,6 +528,7 @@ HASH_SLOTS = threading.BoundedSemaphore(2)         # scrypt runs at most this ma
 HASH_WAIT = 10.0                                   # seconds a login waits for a slot
 SCRYPT_RE = re.compile(r"\$scrypt\$ln=(\d{1,2}),r=(\d{1,3}),p=(\d{1,2})\$([A-Za-z0-9+/.]{1,128})\$([A-Za-z0-9+/.]{16,128})")
 CRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$", "$5$", "$6$", "$y$")
+BCRYPT_RE = re.compile(r"\$2[aby]\$[0-3][0-9]\$[./A-Za-z0-9]{53}")  # cost, 22 characters of salt, 31 of hash
 CRYPT_SAMPLES = {
     "$2a$": "$2a$04$abcdefghijklmnopqrstuu", "$2b$": "$2b$04$abcdefghijklmnopqrstuu",
     "$2y$": "$2y$04$abcdefghijklmnopqrstuu", "$5$": "$5$rounds=1000$abcdefgh",
@@ -534,8 +582,8 @@ def scrypt(password, salt, n, r, p, length):
         return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=memory, dklen=length)
 
 
-def hash_password(password):
-    salt = secrets.token_bytes(16)
+def hash_password(password, salt=None):
+    salt = salt or secrets.token_bytes(16)
     checksum = scrypt(password.encode("utf-8"), salt, 2 ** SCRYPT_LN, SCRYPT_R, SCRYPT_P, 32)
     return "$scrypt$ln=%d,r=%d,p=%d$%s$%s" % (SCRYPT_LN, SCRYPT_R, SCRYPT_P, _b64_encode(salt), _b64_encode(checksum))
 
@@ -627,8 +675,9 @@ def check_hash_format(value):
             raise ValueError("malformed {SHA} hash") from None
     elif value.startswith(CRYPT_PREFIXES):
         prefix = next(p for p in CRYPT_PREFIXES if value.startswith(p))
-        if not re.fullmatch(r"\$[0-9a-z]{1,2}\$[./0-9A-Za-z$=,]{8,200}", value):
-            raise ValueError("malformed %s hash" % prefix)
+        if not re.fullmatch(r"\$[0-9a-z]{1,2}\$[./0-9A-Za-z$=,]{8,200}", value) or (
+                prefix.startswith("$2") and not BCRYPT_RE.fullmatch(value)):
+            raise ValueError("malformed %s hash" % ("%s bcrypt" % prefix if prefix.startswith("$2") else prefix))
         cost = re.match(r"\$2.\$(\d\d)\$|\$[56]\$rounds=(\d+)\$", value)
         if cost and (int(cost.group(1) or 0) > 16 or int(cost.group(2) or 0) > 1000000):
             raise ValueError("%s hash is too costly to verify (bcrypt cost over 16 or over a million rounds)" % prefix)
@@ -728,6 +777,8 @@ def parse_user_line(line):
         raise ValueError("too many ':' (expected name:hash or name:hash:groups)")
     name, password_hash = fields[0], fields[1]
     check_name(name)
+    if is_plaintext(password_hash):
+        password_hash = password_hash.rstrip(" \t")  # an editor's leftover (plaintext_warnings says so)
     if not password_hash:
         raise ValueError("user %s has an empty password" % name)
     groups = fields[2].split(",") if len(fields) == 3 and fields[2] else []
@@ -765,20 +816,48 @@ def parse_users_text(text, path):
 
 def read_users_file(path):
     """(entries, users) of the users file; an absent file has no users."""
+    text = read_users_text(path)
+    return parse_users_text(text, path) if text is not None else ([], {})
+
+
+def read_users_text(path):
+    """The users file's text, or None when it does not exist."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_USERS_FILE + 1)
     except FileNotFoundError:
-        return [], {}
+        return None
     except OSError as e:
         raise UsersFileError(["%s: cannot read: %s" % (path, e.strerror)])
     if len(data) > MAX_USERS_FILE:
         raise UsersFileError(["%s: larger than %d MiB" % (path, MAX_USERS_FILE >> 20)])
     try:
-        text = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise UsersFileError(["%s: not UTF-8 text (byte %d)" % (path, e.start)])
-    return parse_users_text(text, path)
+
+
+DES_RE = re.compile(r"[./0-9A-Za-z]{13}")  # htpasswd -d
+
+
+def plaintext_warnings(text, path):
+    """What a plaintext password line may not mean as typed: white space at
+    its end (removed), or a DES hash pasted from htpasswd (taken as the
+    password itself)."""
+    warnings = []
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split(":")
+        if line.lstrip().startswith("#") or len(fields) < 2 or not is_plaintext(fields[1]):
+            continue
+        where, name, password = "%s line %d" % (path, number), fields[0], fields[1]
+        if password != password.rstrip(" \t"):
+            warnings.append("%s: the plaintext password of %s ends in white space, which authd removes"
+                            % (where, name))
+        if DES_RE.fullmatch(password):
+            warnings.append("%s: the password of %s looks like a DES hash from htpasswd, but authd takes it as a "
+                            "plaintext password; import htpasswd files with 'authd.py import-htpasswd FILE', or set "
+                            "the password with 'authd.py passwd %s'" % (where, name, name))
+    return warnings
 
 
 def render_users(entries):
@@ -918,7 +997,10 @@ class UsersStore:
 
     def __init__(self, path):
         self.path = path
-        self.users = {}
+        self.users = {}            # what the server answers from: file_users, or AUTH_PASSWORD's user
+        self.file_users = {}
+        self.password_user = None  # AUTH_PASSWORD as the user "user" (the upstream project's way)
+        self.mode = None
         self.signature = None
 
     def file_signature(self):
@@ -934,12 +1016,34 @@ class UsersStore:
         signature = self.file_signature()
         _, users = read_users_file(self.path)
         if any(is_plaintext(u.hash) for u in users.values()):
+            for warning in plaintext_warnings(read_users_text(self.path) or "", self.path):
+                log("warning", warning)
             names = hash_plaintext_lines(self.path)
             log("info", "hashed the plaintext passwords of %s in %s" % (", ".join(names), self.path))
             signature = self.file_signature()
             _, users = read_users_file(self.path)
-        self.users, self.signature = users, signature
-        return users
+        self.file_users, self.signature = users, signature
+        self.publish()
+        return self.users
+
+    def set_password_user(self, user):
+        self.password_user = user
+        self.publish()
+
+    def in_password_mode(self):
+        return self.users is not self.file_users
+
+    def publish(self):
+        """self.users: the file's users; while it has none, AUTH_PASSWORD's
+        user. Says so when that changes."""
+        if self.file_users or self.password_user is None:
+            self.users = self.file_users
+        else:
+            self.users = {self.password_user.name: self.password_user}
+        mode = "password" if self.in_password_mode() else "ignored" if self.password_user else "file"
+        if mode != self.mode and mode != "file":
+            log("warning", password_mode_message(mode == "password", self.path))
+        self.mode = mode
 
     def changed(self):
         return self.file_signature() != self.signature
@@ -962,6 +1066,26 @@ class UsersStore:
             return None
         self.load()
         return self.users.get(name)
+
+
+PASSWORD_USER = "user"  # the upstream project's name for the one AUTH_PASSWORD user
+
+
+def password_mode_message(active, path):
+    if active:
+        return ("AUTH_PASSWORD is the one user %s while %s has no users, as in the upstream auth-server; to name "
+                "your users instead: %s, then remove AUTH_PASSWORD"
+                % (quoted(PASSWORD_USER), path, adduser_command(path)))
+    return "AUTH_PASSWORD is ignored: %s has users (remove it from the settings)" % path
+
+
+@functools.lru_cache(maxsize=2)
+def password_user(password, key):
+    """AUTH_PASSWORD as a User. The salt comes from KEY (the oldest signing
+    key), so the hash, and with it every session, outlives a restart, and a
+    new AUTH_PASSWORD ends them as a new password would."""
+    salt = hmac.new(key, b"authd AUTH_PASSWORD salt", hashlib.sha256).digest()[:16]
+    return User(PASSWORD_USER, hash_password(password, salt), ())
 
 
 # ---------------------------------------------------------------------------
@@ -1631,8 +1755,9 @@ class UnsupportedMediaType(ValueError):
 
 
 def parse_login_body(request):
-    """(username, password, rd or None) from a JSON or form body; ValueError
-    with a message for anything else."""
+    """(username, password, rd or None) from a JSON or form body, "" for a
+    missing user name or password; ValueError with a message for a body
+    that cannot be read."""
     kind = request.content_type()
     if kind == "application/json":
         try:
@@ -1652,10 +1777,10 @@ def parse_login_body(request):
         target = data.get("rd")
     else:
         raise UnsupportedMediaType("Content-Type must be application/x-www-form-urlencoded or application/json")
+    # Missing or non-text credentials are wrong credentials (401, as the
+    # Express API answers), which the caller refuses without hashing.
     name, password = data.get("username"), data.get("password")
-    if not isinstance(name, str) or not isinstance(password, str) or not name or not password:
-        raise ValueError("User name and password are required")
-    return name, password, target
+    return (name if isinstance(name, str) else "", password if isinstance(password, str) else "", target)
 
 
 # ---------------------------------------------------------------------------
@@ -1681,7 +1806,9 @@ border-radius:8px}
 input:focus,button:focus{outline:3px solid var(--accent);outline-offset:2px}
 button{width:100%;margin-top:24px;padding:11px;font:inherit;font-weight:600;border:0;border-radius:8px;
 background:var(--accent);color:var(--accent-text);cursor:pointer}
-.error{margin:0 0 8px;padding:10px 12px;border-radius:8px;background:var(--error-bg);color:var(--error)}
+.error,.notice{margin:0 0 8px;padding:10px 12px;border-radius:8px;background:var(--error-bg);color:var(--error)}
+.notice{background:var(--bg);color:var(--text)}
+a{color:var(--accent)}.back{margin:20px 0 0;text-align:center}
 dl{margin:0}dt{color:var(--muted);margin-top:12px}dd{margin:0;font-weight:600;word-break:break-all}
 """
 STYLE_HASH = base64.b64encode(hashlib.sha256(STYLE.encode("utf-8")).digest()).decode("ascii")
@@ -1715,7 +1842,16 @@ LOGIN_PAGE = """<h1>Sign in</h1>
 </form>"""
 WHOAMI_PAGE = """<h1>Signed in</h1>
 <dl><dt>User</dt><dd>{name}</dd><dt>Role</dt><dd>{role}</dd><dt>Groups</dt><dd>{groups}</dd></dl>
-<form method="post" action="{action}"><button type="submit">Sign out</button></form>"""
+<form method="post" action="{action}"><button type="submit">Sign out</button></form>
+<p class="back"><a href="/">Back to the site</a></p>"""
+
+DROPPED_COOKIE_PAGE = """<h1>Not signed in</h1>
+<p class="site">to {site}</p>
+<p class="error" role="alert">Your password was right, but this page came over plain http, and your browser
+does not keep the session cookie there: it is marked Secure, for https only.</p>
+<p>Open the site over https: <a href="{https}">{https}</a></p>
+<p>If the site has no https, the administrator can set <code>AUTH_COOKIE_SECURE=false</code> in authd's settings
+(anyone on the network can then read the cookie).</p>"""
 
 
 def page(site, title, body):
@@ -1729,6 +1865,8 @@ def page(site, title, body):
 # ---------------------------------------------------------------------------
 
 TOKEN_CACHE_SIZE = 10000
+UPSTREAM_PATHS = ("/auth", "/login", "/logout", "/logged-in")  # andygock/auth-server's endpoints
+SIGNED_OUT = "signed_out=1"  # the query of the login page after a logout
 ISSUE_SLACK = 60  # seconds a token's life may exceed AUTH_EXPIRY_DAYS (rounding, settings reloads)
 
 
@@ -1787,18 +1925,32 @@ class App:
             # every login, successful ones too (which the two above refund):
             # one valid account must not buy unlimited password hashes
             self.hash_limits = RateLimiter(limit * NAME_LIMIT_FACTOR, window)
-        p = settings.prefix
-        self.routes = {
+        self.routes, self.root_paths = self.route_table(settings.prefix)
+        self.store.set_password_user(password_user(settings.password, keys[-1]) if settings.password else None)
+
+    def route_table(self, p):
+        """(routes, root paths). With the default prefix, the upstream
+        project's endpoints answer at the root too, so its nginx block works
+        unchanged; pages link under the prefix the request came in on."""
+        routes = {
             p + "/auth": ("*", self.handle_auth),
             p + "/admin": ("*", self.handle_admin),
             p + "/login": ("GET, HEAD, POST", self.handle_login),
             p + "/logout": ("GET, HEAD, POST", self.handle_logout),
             p + "/": ("GET, HEAD", self.handle_whoami),
             p + "/logged-in": ("GET, HEAD", self.handle_whoami),
-            p: ("GET, HEAD", self.handle_whoami),
             p + "/healthz": ("GET, HEAD", self.handle_health),
             p + "/metrics": ("GET, HEAD", self.handle_metrics),
         }
+        if p:
+            routes[p] = ("GET, HEAD", self.handle_whoami)
+        root_paths = frozenset(UPSTREAM_PATHS if p == SETTINGS["AUTH_PREFIX"].default else ())
+        routes.update((path, routes[p + path]) for path in root_paths)
+        return routes, root_paths
+
+    def base(self, request):
+        """The prefix REQUEST came in under: "" for a root path."""
+        return "" if request.path in self.root_paths else self.settings.prefix
 
     def dispatch(self, request):
         """Request -> Reply (or Later) from the route table."""
@@ -1998,12 +2150,18 @@ class App:
             return self.login_failed(request, wants_json, status, str(e), target)
         if form_target is not None:
             target = safe_target(form_target)
+        if not name and wants_json and self.store.in_password_mode():
+            name = PASSWORD_USER  # the upstream page sends the password alone
+        if not name or not password:  # no hash to run: refused at once
+            log("warning", "login failed from %s user=%s (no %s)"
+                % (request.client_ip(), quoted(name), "password" if name else "user name"))
+            return self.wrong_credentials(request, wants_json, target, name)
         wait = self.count_attempt(request.client_ip(), name)
         if wait:
             log("warning", "login rate limit hit from %s user=%s" % (request.client_ip(), quoted(name)))
             LOGIN_COUNTS.add("rate-limited")
             reply = self.login_failed(request, wants_json, 429, "Too many attempts; try again in %d seconds" % wait,
-                                      target)
+                                      target, name)
             reply.headers.append(("Retry-After", str(wait)))
             return reply
         return Later(self.finish_login, request, wants_json, name, password, target)
@@ -2038,17 +2196,17 @@ class App:
             return self.busy(request, wants_json, target)
         if user is None:
             log("warning", "login failed from %s user=%s" % (address, quoted(name)))
-            LOGIN_COUNTS.add("fail")
-            message = "Invalid credentials" if wants_json else "Invalid user name or password"
-            return self.login_failed(request, wants_json, 401, message, target, name)
+            return self.wrong_credentials(request, wants_json, target, name)
         self.refund_attempt(address, name)
-        self.warn_if_cookie_will_be_dropped(request)
+        dropped = self.cookie_will_be_dropped(request)
         log("info", "login ok from %s user=%s" % (address, quoted(user.name)))
         LOGIN_COUNTS.add("ok")
         now = int(time.time())
         cookie = ("Set-Cookie", self.session_cookie(user, now, now))
         if wants_json:
             return Reply(200, headers=[cookie], data={"status": "ok", "user": user.name})
+        if dropped:  # a redirect would show the empty form again, without a word
+            return self.dropped_cookie_page(request, target, cookie)
         return Reply(303, headers=[cookie, ("Location", target)])
 
     def check_password(self, name, password):
@@ -2081,6 +2239,11 @@ class App:
                 user = upgraded or user
         return user
 
+    def wrong_credentials(self, request, wants_json, target, name):
+        LOGIN_COUNTS.add("fail")
+        message = "Invalid credentials" if wants_json else "Invalid user name or password"
+        return self.login_failed(request, wants_json, 401, message, target, name)
+
     def login_failed(self, request, wants_json, status, message, target, name=""):
         if wants_json:
             return Reply(status, data={"status": "fail", "message": message})
@@ -2101,11 +2264,15 @@ class App:
             return True
         return not origin_host or origin_host != host_name(site)
 
-    def warn_if_cookie_will_be_dropped(self, request):
+    def cookie_will_be_dropped(self, request):
+        """True (and logged) when a Secure cookie goes out over plain http to
+        a host other than localhost: browsers refuse to store it."""
         if self.settings.cookie_secure and request.headers.get("x-forwarded-proto", "https").lower() == "http" \
                 and host_name(request.site_host()) not in ("localhost", "127.0.0.1", "::1"):
             log("warning", "this login came over plain http, where browsers drop the Secure cookie: "
                 "serve the site over https, or set AUTH_COOKIE_SECURE=false")
+            return True
+        return False
 
     def handle_logout(self, request):
         user, _ = self.session(request, int(time.time()))
@@ -2114,7 +2281,9 @@ class App:
         cookie = ("Set-Cookie", self.clearing_cookie())
         if request.wants_json():
             return Reply(200, headers=[cookie], data={"status": "ok"})
-        return Reply(303, headers=[cookie, ("Location", self.settings.prefix + "/login")])
+        # the login page says "You are signed out" (the cookie alone cannot:
+        # it is gone by then)
+        return Reply(303, headers=[cookie, ("Location", self.base(request) + "/login?" + SIGNED_OUT)])
 
     def return_target(self, request):
         """Where to go after login: ?rd=, else nginx's X-Original-URI, else /."""
@@ -2124,28 +2293,45 @@ class App:
             rd = None
         if rd is None:
             rd = request.headers.get("x-original-uri")
-            if rd is not None and rd.startswith(self.settings.prefix + "/"):
+            if rd is not None and self.is_own_page(rd):
                 rd = None  # the login page itself; nothing to return to
         return safe_target(rd or "/")
+
+    def is_own_page(self, uri):
+        """URI is one of authd's pages (a direct visit to the login page)."""
+        path, p = uri.split("?", 1)[0], self.settings.prefix
+        return (bool(p) and (path == p or path.startswith(p + "/"))) or path in self.root_paths \
+            or path in (p + "/login", p + "/logout", p + "/logged-in")
 
     # -- pages ----------------------------------------------------------------
 
     def login_page(self, request, target, status=200, message="", name=""):
         site = host_name(request.site_host()) or "this site"
+        name = name or (PASSWORD_USER if self.store.in_password_mode() else "")  # only the password is asked
         error = '<p class="error" role="alert">%s</p>' % html.escape(message) if message else ""
+        if not message and request.method in ("GET", "HEAD") and SIGNED_OUT in request.query.split("&"):
+            error = '<p class="notice" role="status">You are signed out.</p>'
         body = LOGIN_PAGE.format(
-            site=html.escape(site), action=html.escape(self.settings.prefix + "/login"),
+            site=html.escape(site), action=html.escape(self.base(request) + "/login"),
             target=html.escape(target), error=error, name=html.escape(name),
             focus_name="" if name else " autofocus", focus_password=" autofocus" if name else "")
         return Reply(status, page=page(site, "Sign in", body))
 
+    def dropped_cookie_page(self, request, target, cookie):
+        """The password was right, but the browser will not keep the cookie:
+        say so, and what changes it, on the page."""
+        site = host_name(request.site_host()) or "this site"
+        https = "https://%s%s" % (request.site_host().strip(), target)
+        body = DROPPED_COOKIE_PAGE.format(site=html.escape(site), https=html.escape(https))
+        return Reply(200, headers=[cookie], page=page(site, "Not signed in", body))
+
     def handle_whoami(self, request):
         user, _ = self.session(request, int(time.time()))
         if user is None:
-            return Reply(303, headers=[("Location", self.settings.prefix + "/login")])
+            return Reply(303, headers=[("Location", self.base(request) + "/login")])
         groups = ", ".join(user.groups) or "none"
         body = WHOAMI_PAGE.format(name=html.escape(user.name), role="an administrator" if user.admin else "a user",
-                                  groups=html.escape(groups), action=html.escape(self.settings.prefix + "/logout"))
+                                  groups=html.escape(groups), action=html.escape(self.base(request) + "/logout"))
         return Reply(200, page=page(host_name(request.site_host()) or "this site", "Signed in", body))
 
     def busy(self, request, wants_json=None, target=None):
@@ -2513,6 +2699,19 @@ def unix_socket(path, mode):
     return sock, "unix:" + path
 
 
+def exposed_host_warning(host):
+    """A warning when authd listens on HOST, an address that is not loopback;
+    else None."""
+    try:
+        if host == "localhost" or ipaddress.ip_address(host.split("%", 1)[0]).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return ("AUTH_HOST %s is not a loopback address: clients on the network can reach authd directly, around "
+            "nginx. Listen on 127.0.0.1 (or AUTH_SOCKET) unless nginx runs on another machine, and then let a "
+            "firewall admit only that machine" % host)
+
+
 def describe(sock):
     if sock.family == socket.AF_UNIX:
         return "unix:%s" % sock.getsockname()
@@ -2641,8 +2840,12 @@ def reload_settings(app, args):
 # running server picks it up by itself.
 # ---------------------------------------------------------------------------
 
-def read_password(prompt=True):
-    """A new password: asked twice on a terminal, else the first line of stdin."""
+MIN_PASSWORD = 8  # characters a new password needs, unless --allow-short
+
+
+def read_password(prompt=True, minimum=1):
+    """A new password of at least MINIMUM characters: asked twice on a
+    terminal, else the first line of stdin."""
     if prompt and sys.stdin is not None and sys.stdin.isatty():
         first = getpass.getpass("Password: ")
         if first != getpass.getpass("Password again: "):
@@ -2655,6 +2858,9 @@ def read_password(prompt=True):
         password = line.rstrip("\r\n")
     if not password:
         raise Failure("the password is empty")
+    if len(password) < minimum:
+        raise Failure("the password has %d characters; use at least %d (or pass --allow-short to take it anyway)"
+                      % (len(password), minimum))
     if len(password) > 1024:
         raise Failure("the password is longer than 1024 characters")
     return password
@@ -2687,7 +2893,9 @@ def command_adduser(args, settings):
     except ValueError as e:
         raise Failure(str(e)) from None
     groups = parse_groups(args.groups, args.admin)
-    new_hash = hash_password(read_password())
+    if args.name in read_users_file(settings.users_file)[1]:  # before asking a password that would be thrown away
+        raise Failure("user %s already exists (use 'passwd' to change the password)" % args.name)
+    new_hash = hash_password(read_password(minimum=1 if args.allow_short else MIN_PASSWORD))
 
     def add(entries, users):
         if args.name in users:
@@ -2706,7 +2914,7 @@ def require_user(users, name, path):
 def command_passwd(args, settings):
     _, users = read_users_file(settings.users_file)
     require_user(users, args.name, settings.users_file)  # ask for no password that would be thrown away
-    new_hash = hash_password(read_password())
+    new_hash = hash_password(read_password(minimum=1 if args.allow_short else MIN_PASSWORD))
 
     def change(entries, users):
         require_user(users, args.name, settings.users_file)
@@ -2853,18 +3061,43 @@ def command_token(args, settings):
             "revoke": command_token_revoke}[args.action](args, settings)
 
 
-def users_file_problems(path):
-    """Every problem of the users file at PATH (printing notes as it goes)."""
+def adduser_command(path):
+    return "python3 authd.py adduser NAME --users %s" % shlex.quote(str(path))
+
+
+def users_file_report(path, password=None):
+    """(problems, warnings) of the users file at PATH, for check (PASSWORD:
+    AUTH_PASSWORD's); notes are printed as it goes."""
     try:
-        _, users = read_users_file(path)
+        text = read_users_text(path)
     except UsersFileError as e:
-        return e.problems
-    if not users:
-        print("note: %s has no users yet; add one with: python3 authd.py adduser NAME" % path)
+        return e.problems, []
+    if text is None and password:
+        return [], ["%s does not exist; %s" % (path, password_mode_message(True, path))]
+    if text is None:  # the server would start with no users: most likely a typo
+        return ["%s does not exist (is the --users path or AUTH_USERS_FILE right?); to start it, add a user "
+                "with: %s" % (path, adduser_command(path))], []
+    warnings = plaintext_warnings(text, path)
+    try:
+        _, users = parse_users_text(text, path)
+    except UsersFileError as e:
+        return e.problems, warnings
+    if password:
+        warnings.append(password_mode_message(not users, path))
+    elif not users:
+        warnings.append("%s has no users yet; add one with: %s" % (path, adduser_command(path)))
     plaintext = [u.name for u in users.values() if is_plaintext(u.hash)]
     if plaintext:
         print("note: plaintext passwords for %s will be hashed when the server starts" % ", ".join(plaintext))
-    return []
+    return [], warnings
+
+
+def print_report(problems, warnings):
+    """check's verdict: every warning and every problem, then 0 or 1."""
+    for warning in warnings:
+        print("authd: warning: " + warning, file=sys.stderr)
+    print_problems(problems)
+    return 1 if problems else 0
 
 
 def command_check(args, settings):
@@ -2874,15 +3107,16 @@ def command_check(args, settings):
     except Failure as e:
         if settings.token_secrets or os.path.lexists(settings.secret_file):
             problems.append(str(e))
-    problems += users_file_problems(settings.users_file)
+    more, warnings = users_file_report(settings.users_file, settings.password)
     try:
         read_tokens_file(settings.tokens_file)
     except UsersFileError as e:
-        problems += e.problems
-    print_problems(problems)
-    if problems:
+        more += e.problems
+    if not settings.socket and exposed_host_warning(settings.host):
+        warnings.insert(0, exposed_host_warning(settings.host))
+    if print_report(problems + more, warnings):
         return 1
-    print("ok: settings and %s are valid" % settings.users_file)
+    print("ok: settings and %s are valid%s" % (settings.users_file, " (with warnings)" if warnings else ""))
     return 0
 
 
@@ -2890,15 +3124,17 @@ def command_serve(args, settings):
     keys = load_secrets(settings)
     store = UsersStore(settings.users_file)
     store.load()
+    app = App(settings, keys, store)  # AUTH_PASSWORD's user, if any, comes with the settings
     if not store.users:
-        log("warning", "no users yet: add one with: python3 authd.py adduser NAME --users %s" % settings.users_file)
-    app = App(settings, keys, store)
+        log("warning", "no users yet: add one with: %s" % adduser_command(settings.users_file))
     app.tokens.load()
     try:
         sock, where = listening_socket(settings)
     except OSError as e:
         raise Failure("cannot listen on %s: %s" % (settings.socket or "%s:%d" % (settings.host, settings.port),
                                                   e.strerror or e))
+    if sock.family != socket.AF_UNIX and exposed_host_warning(sock.getsockname()[0]):
+        log("warning", exposed_host_warning(sock.getsockname()[0]))
     allow_open_files(settings.max_connections + 64)
     server = Server(app, sock, where)
     app.open_connections = lambda: len(server.connections)
@@ -2941,6 +3177,9 @@ def build_parser():
     add.add_argument("--groups", metavar="G1,G2", help="comma-separated groups")
     passwd = commands.add_parser("passwd", parents=[common], help="set a user's password")
     passwd.add_argument("name")
+    for command in (add, passwd):
+        command.add_argument("--allow-short", action="store_true",
+                             help="accept a password shorter than %d characters" % MIN_PASSWORD)
     deluser = commands.add_parser("deluser", parents=[common], help="remove a user")
     deluser.add_argument("name")
     commands.add_parser("users", parents=[common], help="list users and groups (never hashes)")
@@ -2984,6 +3223,17 @@ def settings_from_args(args):
 # error an operator can cause ends as one line on stderr and an exit status.
 # ---------------------------------------------------------------------------
 
+def settings_failed(args, error):
+    """Bad settings: list every problem, and every warning with them (check:
+    the users file's too). The exit status: check 1, other commands 2."""
+    problems, warnings = list(error.problems), list(error.warnings)
+    if args.command == "check" and error.values.get("AUTH_USERS_FILE"):
+        more, more_warnings = users_file_report(error.values["AUTH_USERS_FILE"], error.values.get("AUTH_PASSWORD"))
+        problems, warnings = problems + more, warnings + more_warnings
+    print_report(problems, warnings)
+    return 1 if args.command == "check" else 2
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
@@ -2993,11 +3243,7 @@ def main(argv=None):
         try:
             settings, warnings = settings_from_args(args)
         except SettingsError as e:
-            problems = list(e.problems)
-            if args.command == "check" and e.values.get("AUTH_USERS_FILE"):
-                problems += users_file_problems(e.values["AUTH_USERS_FILE"])  # check lists every problem
-            print_problems(problems)
-            return 1 if args.command == "check" else 2
+            return settings_failed(args, e)
         for warning in warnings:
             log("warning", warning)
         return COMMANDS[args.command](args, settings) or 0

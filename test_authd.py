@@ -1014,7 +1014,7 @@ def test_passwd_same_password_still_invalidates(tmp_path, authd):
     """A new salt means a new hash: tokens from before the change die even for the same password."""
     d = _rev_server(authd)
     tok = d.login("carol", "c-pw")
-    cp = _cli(tmp_path, "passwd", "carol", input="c-pw\n")
+    cp = _cli(tmp_path, "passwd", "carol", "--allow-short", input="c-pw\n")
     assert cp.returncode == 0, cp.stderr
     wait_until(lambda: d.auth(tok).status == 401, what="the token from before passwd to be refused")
 
@@ -1169,9 +1169,9 @@ def test_hash_without_password_fails_cleanly(tmp_path):
 
 def test_adduser_users_deluser_cycle(tmp_path, authd):
     write_users(tmp_path / "users.txt", ["# my users", "", "zed:" + fast_hash("z")], mode=0o640)
-    cp = _cli(tmp_path, "adduser", "ann", "--admin", "--groups", "dev,ops", input="ann-pw\n")
+    cp = _cli(tmp_path, "adduser", "ann", "--admin", "--groups", "dev,ops", "--allow-short", input="ann-pw\n")
     assert cp.returncode == 0, cp.stderr
-    cp = _cli(tmp_path, "adduser", "ben", input="ben-pw\n")
+    cp = _cli(tmp_path, "adduser", "ben", "--allow-short", input="ben-pw\n")
     assert cp.returncode == 0, cp.stderr
     text = (tmp_path / "users.txt").read_text()
     lines = text.splitlines()
