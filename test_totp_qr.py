@@ -19,7 +19,7 @@ import pytest
 
 from conftest import HERE, need
 
-import totp_section as authd  # becomes `import authd` once the section is pasted in
+import authd
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
