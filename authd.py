@@ -1076,6 +1076,103 @@ def totp_uri(secret, account, issuer):
     return "otpauth://totp/%s?%s" % (label, query)
 
 
+# A pending second step: after a correct password, the browser holds a signed
+# value (never a server-side session) naming the user, the fingerprint of
+# their line, when the password was typed and an expiry. An enrolment step
+# also carries the new secret, which the same page shows anyway.
+STEP_SECONDS = 300      # a pending second step lasts 5 minutes
+STEP_CODES = 5          # codes tried on one pending second step
+STEP_KINDS = ("code", "enrol", "add")  # sign-in code; enrolment at sign-in; enrolment at P/totp
+FRESH_PASSWORD = 300    # P/totp needs a password typed this recently
+MAX_PENDING = 10000     # pending steps remembered (those that have had a code)
+
+
+def step_key(key):
+    """The key that signs pending steps: derived from a token key, so that a
+    pending value never passes as a session token, nor a token as a step."""
+    return hmac.new(key, b"authd: pending second step", hashlib.sha256).digest()
+
+
+def new_step(user, kind, auth_time, now):
+    claims = {"sub": user.name, "pwh": user.fingerprint, "auth_time": auth_time, "exp": now + STEP_SECONDS,
+              "jti": secrets.token_urlsafe(12), "step": kind}
+    if kind != "code":
+        claims["secret"] = new_totp_secret()
+    return claims
+
+
+def open_step(value, keys, now):
+    """The claims of a pending step signed with one of KEYS and not expired, else None."""
+    if not isinstance(value, str) or len(value) > MAX_TOKEN or value.count(".") != 2:
+        return None
+    header, payload, signature = value.split(".")
+    try:
+        given = b64url_decode(signature)
+        signing_input = (header + "." + payload).encode("ascii")
+        matched = False
+        for key in keys:
+            expected = hmac.new(step_key(key), signing_input, hashlib.sha256).digest()
+            matched |= hmac.compare_digest(expected, given)
+        claims = strict_json(b64url_decode(payload)) if matched and header == TOKEN_HEADER else None
+    except (ValueError, UnicodeError, RecursionError, binascii.Error):
+        return None
+    if not isinstance(claims, dict) or claims.get("step") not in STEP_KINDS:
+        return None
+    if not (valid_name(claims.get("sub")) and isinstance(claims.get("pwh"), str) and _is_int(claims.get("exp"))
+            and _is_int(claims.get("auth_time")) and isinstance(claims.get("jti"), str)
+            and (claims["step"] == "code" or isinstance(claims.get("secret"), str))):
+        return None
+    if not now < claims["exp"] <= now + STEP_SECONDS + CLOCK_SKEW:
+        return None
+    return claims
+
+
+class CodeLedger:
+    """What authd remembers about codes, in bounded memory: per user, the last
+    step accepted (a code is refused again while it could still be valid, and
+    so is any older one, as RFC 6238 section 5.2 advises); per pending step,
+    the codes tried."""
+
+    def __init__(self, max_pending=MAX_PENDING):
+        self.lock = threading.Lock()
+        self.last_step = {}             # user name -> last accepted step (only while still current)
+        self.tries = OrderedDict()      # pending step id -> [expiry, codes tried]
+        self.max_pending = max_pending
+
+    def accept(self, name, step, now):
+        """Record STEP as used by NAME; False if it (or a later one) was used."""
+        with self.lock:
+            oldest_valid = totp_step(now) - TOTP_WINDOW
+            for old in [n for n, s in self.last_step.items() if s < oldest_valid]:
+                del self.last_step[old]  # bounded: only steps that could still be replayed
+            if self.last_step.get(name, oldest_valid - 1) >= step:
+                return False
+            self.last_step[name] = step
+            return True
+
+    def try_code(self, step_id, expiry, now):
+        """Count one code on a pending step: False once it has had STEP_CODES
+        (or succeeded), and when the table is full of live steps (fail closed)."""
+        with self.lock:
+            while self.tries and next(iter(self.tries.values()))[0] <= now:
+                self.tries.popitem(last=False)
+            entry = self.tries.get(step_id)
+            if entry is None:
+                if len(self.tries) >= self.max_pending:
+                    return False
+                entry = self.tries[step_id] = [expiry, 0]
+            if entry[1] >= STEP_CODES:
+                return False
+            entry[1] += 1
+            return True
+
+    def spend(self, step_id):
+        """A step that succeeded takes no more codes (a replayed value is refused)."""
+        with self.lock:
+            if step_id in self.tries:
+                self.tries[step_id][1] = STEP_CODES
+
+
 # ---------------------------------------------------------------------------
 # Login rate limits: fixed windows per client address and per user name, in a
 # bounded table (the oldest entries go first when it is full).
@@ -1392,6 +1489,30 @@ def parse_login_body(request):
     if not isinstance(name, str) or not isinstance(password, str) or not name or not password:
         raise ValueError("User name and password are required")
     return name, password, target
+
+
+def json_code(request):
+    """The two-factor "code" of a JSON login body: None when absent, "" when
+    not a string (a number would have lost its leading zeros)."""
+    try:
+        data = strict_json(request.body)
+    except (ValueError, UnicodeError, RecursionError):
+        return None
+    code = data.get("code") if isinstance(data, dict) else None
+    return None if code is None else code if isinstance(code, str) else ""
+
+
+def form_fields(request):
+    """The fields of a form-urlencoded body (the last of a repeated name), or
+    None when it is malformed or of another type."""
+    if request.content_type() not in ("application/x-www-form-urlencoded", ""):
+        return None
+    try:
+        text = request.body.decode("utf-8")
+        return dict(urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text),
+                                           max_num_fields=20, errors="strict"))
+    except (ValueError, UnicodeError):
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -1806,6 +1927,12 @@ button{width:100%;margin-top:24px;padding:11px;font:inherit;font-weight:600;bord
 background:var(--accent);color:var(--accent-text);cursor:pointer}
 .error{margin:0 0 8px;padding:10px 12px;border-radius:8px;background:var(--error-bg);color:var(--error)}
 dl{margin:0}dt{color:var(--muted);margin-top:12px}dd{margin:0;font-weight:600;word-break:break-all}
+a{color:var(--accent)}
+.note{margin:16px 0 0;color:var(--muted)}
+.qr{display:flex;justify-content:center;margin:16px 0 4px}
+.qr svg{max-width:100%;height:auto;border-radius:4px}
+.secret{margin:4px 0 8px;text-align:center;font:600 1.05rem/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;
+word-spacing:.3em;word-break:break-word}
 """
 STYLE_HASH = base64.b64encode(hashlib.sha256(STYLE.encode("utf-8")).digest()).decode("ascii")
 PAGE_HEADERS = [
@@ -1837,8 +1964,50 @@ LOGIN_PAGE = """<h1>Sign in</h1>
 <button type="submit">Sign in</button>
 </form>"""
 WHOAMI_PAGE = """<h1>Signed in</h1>
-<dl><dt>User</dt><dd>{name}</dd><dt>Role</dt><dd>{role}</dd><dt>Groups</dt><dd>{groups}</dd></dl>
+<dl><dt>User</dt><dd>{name}</dd><dt>Role</dt><dd>{role}</dd><dt>Groups</dt><dd>{groups}</dd>
+<dt>Two-factor sign-in</dt><dd>{two_factor} &middot; <a href="{totp}">{manage}</a></dd></dl>
 <form method="post" action="{action}"><button type="submit">Sign out</button></form>"""
+CODE_INPUT = """<input id="code" name="code" inputmode="numeric" autocomplete="one-time-code" pattern="[0-9 ]{6,7}"
+ maxlength="7" spellcheck="false" required autofocus>"""
+CODE_PAGE = """<h1>Two-factor code</h1>
+<p class="site">{name} on {site}</p>
+{error}<form method="post" action="{action}">
+<input type="hidden" name="pending" value="{pending}">
+<input type="hidden" name="rd" value="{target}">
+<label for="code">The 6-digit code from your authenticator app</label>
+""" + CODE_INPUT.replace("{", "{{").replace("}", "}}") + """
+<button type="submit">Verify</button>
+</form>
+<p class="note"><a href="{restart}">Sign in as someone else</a></p>"""
+ENROL_REQUIRED = "Your account needs two-factor sign-in. Scan this code with an authenticator app, then enter the code it shows."
+ENROL_OPTIONAL = "Scan this code with an authenticator app, then enter the code it shows. Signing in will then ask for a code."
+ENROL_PAGE = """<h1>Set up two-factor sign-in</h1>
+<p class="site">{name} on {site}</p>
+<p>{intro}</p>
+<div class="qr">{svg}</div>
+<p class="note">Or enter this key by hand (time-based, 6 digits):</p>
+<p class="secret">{secret}</p>
+{error}<form method="post" action="{action}">
+<input type="hidden" name="pending" value="{pending}">
+<input type="hidden" name="rd" value="{target}">
+<label for="code">Code shown by the app</label>
+""" + CODE_INPUT.replace("{", "{{").replace("}", "}}") + """
+<button type="submit">{button}</button>
+</form>"""
+TOTP_ON_PAGE = """<h1>Two-factor sign-in</h1>
+<p class="site">{name} on {site}</p>
+<p>Two-factor sign-in is <strong>on</strong>: signing in asks for a code from your authenticator app.</p>
+{error}<form method="post" action="{action}">
+<label for="code">To turn it off, enter a current code</label>
+""" + CODE_INPUT.replace("{", "{{").replace("}", "}}") + """
+<button type="submit">Turn off two-factor sign-in</button>
+</form>
+<p class="note"><a href="{back}">Back</a></p>"""
+QR_PAGE_PIXELS = 240  # about this wide on a page: an integer number of pixels per module
+
+
+def error_paragraph(message):
+    return '<p class="error" role="alert">%s</p>' % html.escape(message) if message else ""
 
 
 def page(site, title, body):
@@ -1889,6 +2058,7 @@ def parse_rules(query):
 class App:
     def __init__(self, settings, keys, store):
         self.store = store
+        self.codes = CodeLedger()
         self.configure(settings, keys)
 
     def configure(self, settings, keys):
@@ -1912,6 +2082,8 @@ class App:
             p + "/logged-in": ("GET, HEAD", self.handle_whoami),
             p: ("GET, HEAD", self.handle_whoami),
             p + "/healthz": ("GET, HEAD", self.handle_health),
+            p + "/login/code": ("GET, HEAD, POST", self.handle_second_step),
+            p + "/totp": ("GET, HEAD, POST", self.handle_totp),
         }
 
     def dispatch(self, request):
@@ -1942,6 +2114,9 @@ class App:
             user = self.store.users.get(claims["sub"])
             if user is None or not hmac.compare_digest(user.fingerprint, claims["pwh"]):
                 continue
+            if (user.totp and claims.get("amr") != list(AMR_TWO_FACTOR)) or (
+                    self.settings.totp_groups and self.must_enrol(user)):
+                continue  # a session without the second factor that this user needs
             max_age = self.settings.max_age_days
             if max_age and now - claims["auth_time"] > max_age * DAY:
                 continue
@@ -2070,11 +2245,17 @@ class App:
             log("warning", "login failed from %s user=%s" % (address, quoted(name)))
             message = "Invalid credentials" if wants_json else "Invalid user name or password"
             return self.login_failed(request, wants_json, 401, message, target, name)
-        self.refund_attempt(address, name)
+        if user.totp or self.must_enrol(user):
+            return self.second_step(request, wants_json, user, target)
+        return self.signed_in(request, wants_json, user, int(time.time()), target)
+
+    def signed_in(self, request, wants_json, user, auth_time, target):
+        """The end of every successful sign-in: the session cookie."""
+        address = request.client_ip()
+        self.refund_attempt(address, user.name)
         self.warn_if_cookie_will_be_dropped(request)
-        log("info", "login ok from %s user=%s" % (address, quoted(user.name)))
-        now = int(time.time())
-        cookie = ("Set-Cookie", self.session_cookie(user, now, now))
+        log("info", "login ok from %s user=%s%s" % (address, quoted(user.name), " (two-factor)" if user.totp else ""))
+        cookie = ("Set-Cookie", self.session_cookie(user, auth_time, int(time.time())))
         if wants_json:
             return Reply(200, headers=[cookie], data={"status": "ok", "user": user.name})
         return Reply(303, headers=[cookie, ("Location", target)])
@@ -2161,7 +2342,9 @@ class App:
             return Reply(303, headers=[("Location", self.settings.prefix + "/login")])
         groups = ", ".join(user.groups) or "none"
         body = WHOAMI_PAGE.format(name=html.escape(user.name), role="an administrator" if user.admin else "a user",
-                                  groups=html.escape(groups), action=html.escape(self.settings.prefix + "/logout"))
+                                  groups=html.escape(groups), action=html.escape(self.settings.prefix + "/logout"),
+                                  two_factor="on" if user.totp else "off", totp=html.escape(self.settings.prefix + "/totp"),
+                                  manage="turn off" if user.totp else "set up")
         return Reply(200, page=page(host_name(request.site_host()) or "this site", "Signed in", body))
 
     def busy(self, request, wants_json=None, target=None):
@@ -2175,6 +2358,208 @@ class App:
 
     def handle_health(self, request):
         return text_reply(200, "ok")
+
+    # -- two-factor sign-in: the second step after the password ---------------
+
+    def must_enrol(self, user):
+        """A member of AUTH_TOTP_GROUPS without two-factor gets no session until enrolled."""
+        return not user.totp and not self.settings.totp_groups.isdisjoint(user.groups)
+
+    def check_code(self, name, secret, code, now):
+        """True if CODE is current for SECRET and NAME has not used it (or a later one)."""
+        step = totp_verify(totp_key(secret), code, now)
+        return step is not None and self.codes.accept(name, step, now)
+
+    def second_step(self, request, wants_json, user, target):
+        """After a correct password, for a user with two-factor (or who must
+        enrol): the JSON API checks the body's "code" now; a browser gets the
+        code (or enrolment) page holding a signed pending step."""
+        address, now = request.client_ip(), int(time.time())
+        if not wants_json:
+            self.refund_attempt(address, user.name)  # the password was right; each code counts on its own
+            claims = new_step(user, "code" if user.totp else "enrol", now, now)
+            return self.step_page(request, sign_token(claims, step_key(self.keys[0])), claims, user, target)
+        if not user.totp:
+            return Reply(401, data={"status": "fail", "message": "Two-factor sign-in must be set up first, in a browser",
+                                    "totp": True, "enrol": True})
+        code = json_code(request)
+        if code is None:
+            self.refund_attempt(address, user.name)
+            return Reply(401, data={"status": "fail", "message": "Code required", "totp": True})
+        if not self.check_code(user.name, user.totp, code, now):
+            log("warning", "login failed from %s user=%s (wrong two-factor code)" % (address, quoted(user.name)))
+            return Reply(401, data={"status": "fail", "message": "Invalid code", "totp": True})
+        return self.signed_in(request, wants_json, user, now, target)
+
+    def handle_second_step(self, request):
+        """POST P/login/code: a code for a pending step from the code or
+        enrolment page. Each code counts against the login rate limits."""
+        target = self.return_target(request)
+        if request.method in ("GET", "HEAD"):
+            return Reply(303, headers=[("Location", self.settings.prefix + "/login")])
+        if self.cross_site(request):
+            return self.login_failed(request, False, 403, "Cross-site login refused", target)
+        fields = form_fields(request)
+        if fields is None:
+            return self.login_failed(request, False, 400, "The form data is malformed", target)
+        target, now = safe_target(fields.get("rd") or "/"), int(time.time())
+        claims = open_step(fields.get("pending"), self.keys, now)
+        user = self.store.users.get(claims["sub"]) if claims and claims["step"] != "add" else None
+        if user is None or not hmac.compare_digest(user.fingerprint, claims["pwh"]) \
+                or (claims["step"] == "code") != bool(user.totp):
+            return self.login_failed(request, False, 401, "This sign-in has expired; please sign in again", target)
+        wait = self.count_attempt(request.client_ip(), user.name)
+        if wait:
+            reply = self.login_failed(request, False, 429, "Too many attempts; try again in %d seconds" % wait, target)
+            reply.headers.append(("Retry-After", str(wait)))
+            return reply
+        if not self.codes.try_code(claims["jti"], claims["exp"], now):
+            return self.login_failed(request, False, 401, "Too many codes; please sign in again", target, user.name)
+        return self.check_step(request, user, fields, claims, target, now)
+
+    def check_step(self, request, user, fields, claims, target, now):
+        """The code of a pending sign-in step: wrong keeps the step, right
+        signs in (after saving the secret, for an enrolment)."""
+        secret = user.totp if claims["step"] == "code" else claims["secret"]
+        if not self.check_code(user.name, secret, fields.get("code", ""), now):
+            log("warning", "login failed from %s user=%s (wrong two-factor code)"
+                % (request.client_ip(), quoted(user.name)))
+            return self.step_page(request, fields["pending"], claims, user, target, 401,
+                                  "That code is not right (or was used already); try the next one")
+        self.codes.spend(claims["jti"])
+        if claims["step"] == "enrol":
+            return Later(self.finish_enrolment, request, user, claims, target)
+        return self.signed_in(request, False, user, claims["auth_time"], target)
+
+    def finish_enrolment(self, request, user, claims, target):
+        """Enrolment at sign-in, confirmed by a code: save the secret, then sign in."""
+        try:
+            enrolled = self.save_totp(user.name, claims["pwh"], claims["secret"])
+        except (Failure, OSError) as e:
+            log("error", "could not save the two-factor secret of %s: %s" % (user.name, e))
+            return self.login_failed(request, False, 503, "The server could not save this; try again later", target)
+        if enrolled is None:
+            return self.login_failed(request, False, 401, "This sign-in has expired; please sign in again", target)
+        log("info", "two-factor sign-in enabled for %s at sign-in" % quoted(user.name))
+        return self.signed_in(request, False, enrolled, claims["auth_time"], target)
+
+    def save_totp(self, name, fingerprint, secret):
+        """Set (or, with SECRET None, remove) NAME's two-factor secret if their
+        line still has FINGERPRINT; the User as reloaded, or None."""
+        def change(entries, users):
+            user = users.get(name)
+            if user is None or not hmac.compare_digest(user.fingerprint, fingerprint):
+                return False
+            set_totp(entries, name, secret)
+            return True
+
+        if not edit_users_file(self.store.path, change):
+            return None
+        self.store.load()
+        return self.store.users.get(name)
+
+    def step_page(self, request, value, claims, user, target, status=200, message=""):
+        """The code page, or the enrolment page (QR code) of a sign-in step."""
+        site = host_name(request.site_host()) or "this site"
+        fields = dict(name=html.escape(user.name), site=html.escape(site), pending=html.escape(value),
+                      target=html.escape(target), error=error_paragraph(message),
+                      action=html.escape(self.settings.prefix + "/login/code"),
+                      restart=html.escape(self.settings.prefix + "/login?rd=" + urllib.parse.quote(target, safe="")))
+        if claims["step"] == "code":
+            return Reply(status, page=page(site, "Two-factor code", CODE_PAGE.format(**fields)))
+        body = ENROL_PAGE.format(intro=ENROL_REQUIRED, button="Turn on and sign in",
+                                 **self.enrolment_fields(request, user, claims["secret"]), **fields)
+        return Reply(status, page=page(site, "Set up two-factor sign-in", body))
+
+    def enrolment_fields(self, request, user, secret):
+        """The QR code (inline SVG) and the key in text, for an enrolment page."""
+        issuer = self.settings.totp_issuer or host_name(request.site_host()) or TOTP_ISSUER_DEFAULT
+        modules = qr_matrix(totp_uri(secret, user.name, issuer))
+        size = len(modules) + 2 * QR_QUIET_ZONE
+        svg = qr_svg(modules, "QR code to scan with an authenticator app", max(2, QR_PAGE_PIXELS // size))
+        return {"svg": svg, "secret": " ".join(secret[i:i + 4] for i in range(0, len(secret), 4))}
+
+    # -- two-factor sign-in: P/totp, for a signed-in user ----------------------
+
+    def handle_totp(self, request):
+        """P/totp: turn two-factor sign-in on or off. Needs a session whose
+        password was typed in the last 5 minutes; older ones sign in again."""
+        now = int(time.time())
+        user, claims = self.session(request, now)
+        here = self.settings.prefix + "/totp"
+        if user is None:
+            return Reply(303, headers=[("Location", self.settings.prefix + "/login?rd=" + urllib.parse.quote(here))])
+        if now - claims["auth_time"] >= FRESH_PASSWORD:
+            return self.login_page(request, here, name=user.name,
+                                   message="Please enter your password again to change two-factor sign-in")
+        if request.method in ("GET", "HEAD"):
+            return self.totp_page(request, user, now)
+        if self.cross_site(request):
+            log("warning", "cross-site two-factor change refused from %s" % request.client_ip())
+            return self.totp_page(request, user, now, 403, "Cross-site request refused")
+        fields = form_fields(request)
+        if fields is None:
+            return self.totp_page(request, user, now, 400, "The form data is malformed")
+        wait = self.count_attempt(request.client_ip(), user.name)
+        if wait:
+            reply = self.totp_page(request, user, now, 429, "Too many attempts; try again in %d seconds" % wait)
+            reply.headers.append(("Retry-After", str(wait)))
+            return reply
+        return self.change_totp(request, user, claims, fields, now)
+
+    def change_totp(self, request, user, claims, fields, now):
+        """A confirmed change: removal needs a current code; enrolment a code
+        of the new secret from the (signed) enrolment step on the page."""
+        secret, value = None, fields.get("pending")
+        step = None if user.totp else open_step(value, self.keys, now)
+        if not user.totp:
+            if not step or step["step"] != "add" or step["sub"] != user.name \
+                    or not hmac.compare_digest(step["pwh"], user.fingerprint):
+                return self.totp_page(request, user, now, 400, "This page has expired; here is a new code")
+            if not self.codes.try_code(step["jti"], step["exp"], now):
+                return self.totp_page(request, user, now, 401, "Too many codes; here is a new QR code")
+            secret = step["secret"]
+        if not self.check_code(user.name, secret or user.totp, fields.get("code", ""), now):
+            log("warning", "login failed from %s user=%s (wrong two-factor code)"
+                % (request.client_ip(), quoted(user.name)))
+            return self.totp_page(request, user, now, 401,
+                                  "That code is not right (or was used already); try the next one", value)
+        if step:
+            self.codes.spend(step["jti"])
+        return Later(self.store_totp_change, request, user, claims, secret)
+
+    def store_totp_change(self, request, user, claims, secret):
+        """Save the change; this browser gets a new session, every other
+        session of the user ends (the fingerprint changed)."""
+        try:
+            changed = self.save_totp(user.name, user.fingerprint, secret)
+        except (Failure, OSError) as e:
+            log("error", "could not save the two-factor change of %s: %s" % (user.name, e))
+            return self.totp_page(request, user, int(time.time()), 503, "The server could not save this; try later")
+        if changed is None:
+            return Reply(303, headers=[("Location", self.settings.prefix + "/totp")])
+        self.refund_attempt(request.client_ip(), user.name)
+        log("info", "two-factor sign-in %s for %s from %s; other sessions end"
+            % ("enabled" if secret else "removed", quoted(user.name), request.client_ip()))
+        cookie = self.session_cookie(changed, claims["auth_time"], int(time.time()))
+        return Reply(303, headers=[("Set-Cookie", cookie), ("Location", self.settings.prefix + "/")])
+
+    def totp_page(self, request, user, now, status=200, message="", value=None):
+        """P/totp's page: the enrolment (a new secret unless VALUE holds a
+        pending one) or, for a user with two-factor, the form to turn it off."""
+        site = host_name(request.site_host()) or "this site"
+        fields = dict(name=html.escape(user.name), site=html.escape(site), error=error_paragraph(message),
+                      action=html.escape(self.settings.prefix + "/totp"), target="",
+                      back=html.escape(self.settings.prefix + "/"))
+        if user.totp:
+            return Reply(status, page=page(site, "Two-factor sign-in", TOTP_ON_PAGE.format(**fields)))
+        claims = open_step(value, self.keys, now) if value else None
+        if not claims or claims["step"] != "add" or claims["sub"] != user.name:
+            claims = new_step(user, "add", now, now)
+            value = sign_token(claims, step_key(self.keys[0]))
+        body = ENROL_PAGE.format(intro=ENROL_OPTIONAL, button="Turn on two-factor sign-in", pending=html.escape(value),
+                                 **self.enrolment_fields(request, user, claims["secret"]), **fields)
+        return Reply(status, page=page(site, "Set up two-factor sign-in", body))
 
 
 # ---------------------------------------------------------------------------
@@ -2584,11 +2969,12 @@ def command_adduser(args, settings):
         raise Failure(str(e)) from None
     groups = parse_groups(args.groups, args.admin)
     new_hash = hash_password(read_password())
+    secret = enrol_in_terminal(args.name, args.issuer or settings.totp_issuer) if args.totp else None
 
     def add(entries, users):
         if args.name in users:
             raise Failure("user %s already exists (use 'passwd' to change the password)" % args.name)
-        entries.append(User(args.name, new_hash, groups))
+        entries.append(User(args.name, new_hash, groups, secret))
 
     edit_users_file(settings.users_file, add)
     print("added %s to %s" % (args.name, settings.users_file))
@@ -2624,7 +3010,52 @@ def command_deluser(args, settings):
 def command_users(args, settings):
     _, users = read_users_file(settings.users_file)
     for user in users.values():
-        print("%s\t%s" % (user.name, ",".join(user.groups)))
+        print("%s\t%s%s" % (user.name, ",".join(user.groups), "\ttwo-factor" if user.totp else ""))
+
+
+def read_code(prompt):
+    """One line from the terminal or from standard input (scripts, tests)."""
+    print(prompt, end="", flush=True)
+    line = sys.stdin.readline() if sys.stdin is not None else ""
+    if not line:
+        raise Failure("no code on standard input; two-factor sign-in was not changed")
+    return line.strip()
+
+
+def enrol_in_terminal(name, issuer=None):
+    """Show a new secret (QR code, URI, key) and return it once a current
+    code from the user's app confirms that they hold it."""
+    secret = new_totp_secret()
+    uri = totp_uri(secret, name, issuer or TOTP_ISSUER_DEFAULT)
+    print(qr_terminal(qr_matrix(uri)))
+    print("Scan the QR code with an authenticator app, or add this key by hand (time-based, 6 digits):")
+    print("  key: " + " ".join(secret[i:i + 4] for i in range(0, len(secret), 4)))
+    print("  URI: " + uri)
+    key = totp_key(secret)
+    for _ in range(3):
+        if totp_verify(key, read_code("Code shown by the app: "), time.time()) is not None:
+            return secret
+        print("That code does not match (is the phone's clock right?)", flush=True)
+    raise Failure("no matching code; two-factor sign-in was not changed")
+
+
+def command_totp(args, settings):
+    """Enrol NAME in two-factor sign-in (replacing any secret), or --remove it.
+    The user's sessions end either way: the line's fingerprint changes."""
+    _, users = read_users_file(settings.users_file)
+    require_user(users, args.name, settings.users_file)
+    if args.remove and not users[args.name].totp:
+        print("%s has no two-factor sign-in" % args.name)
+        return 0
+    secret = None if args.remove else enrol_in_terminal(args.name, args.issuer or settings.totp_issuer)
+
+    def change(entries, users):
+        require_user(users, args.name, settings.users_file)
+        set_totp(entries, args.name, secret)
+
+    edit_users_file(settings.users_file, change)
+    print("two-factor sign-in %s for %s; their other sessions end" % ("removed" if args.remove else "enabled", args.name))
+    return 0
 
 
 def command_import_htpasswd(args, settings):
@@ -2745,6 +3176,12 @@ def build_parser():
     add.add_argument("name")
     add.add_argument("--admin", action="store_true", help="put the user in the admin group")
     add.add_argument("--groups", metavar="G1,G2", help="comma-separated groups")
+    add.add_argument("--totp", action="store_true", help="enrol in two-factor sign-in (shows a QR code)")
+    add.add_argument("--issuer", help="the name authenticator apps show (AUTH_TOTP_ISSUER, default authd)")
+    totp = commands.add_parser("totp", parents=[common], help="enrol a user in two-factor sign-in (or --remove)")
+    totp.add_argument("name")
+    totp.add_argument("--remove", action="store_true", help="turn two-factor sign-in off")
+    totp.add_argument("--issuer", help="the name authenticator apps show (AUTH_TOTP_ISSUER, default authd)")
     passwd = commands.add_parser("passwd", parents=[common], help="set a user's password")
     passwd.add_argument("name")
     deluser = commands.add_parser("deluser", parents=[common], help="remove a user")
@@ -2758,7 +3195,7 @@ def build_parser():
 
 COMMANDS = {"serve": command_serve, "hash": command_hash, "adduser": command_adduser, "passwd": command_passwd,
             "deluser": command_deluser, "users": command_users, "check": command_check,
-            "import-htpasswd": command_import_htpasswd}
+            "import-htpasswd": command_import_htpasswd, "totp": command_totp}
 
 
 def settings_from_args(args):
