@@ -9,13 +9,11 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import signal
 import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -536,3 +534,148 @@ def test_totp_page_needs_a_fresh_password(authd):
                   body=form({"username": "bob", "password": PASSWORD["bob"], "rd": P + "/totp"}))
     assert r.status == 303 and r.headers["location"] == P + "/totp"
     assert b"<svg" in d.request("GET", P + "/totp", headers=session_cookie(r.cookie())).body
+
+
+# ---------------------------------------------------------------------------
+# Chromium through the real nginx (nginx.example.conf, as test_e2e.py runs it)
+# ---------------------------------------------------------------------------
+
+E2E_PASSWORD = {"erin": "erin-pw-5", "adam": "adam-pw-6"}
+E2E_USERS = ["erin:%s:staff" % fast_hash(E2E_PASSWORD["erin"]), "adam:%s:admin" % fast_hash(E2E_PASSWORD["adam"])]
+ARTIFACTS = HERE / "test-artifacts"
+VIEWPORT = {"width": 480, "height": 960}
+
+
+@pytest.fixture(scope="module")
+def totp_site(tmp_path_factory):
+    import test_e2e
+    test_e2e.require_tools()
+    cert = test_e2e.make_cert(tmp_path_factory.mktemp("cert"))
+    saved, test_e2e.USERS = test_e2e.USERS, E2E_USERS  # Site writes test_e2e.USERS
+    try:
+        site = test_e2e.Site(tmp_path_factory.mktemp("site"), *cert, authd_env={"AUTH_TOTP_GROUPS": "admin"})
+    finally:
+        test_e2e.USERS = saved
+    yield site
+    site.stop()
+
+
+@pytest.fixture(scope="module")
+def chromium(totp_site):
+    import test_e2e
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=test_e2e.CHROMIUM, headless=True, args=test_e2e.CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def browser_page(chromium):
+    context = chromium.new_context(ignore_https_errors=True, viewport=VIEWPORT)
+    context.set_default_timeout(15000)
+    yield context.new_page()
+    context.close()
+
+
+def shoot(page, name):
+    """Screenshots light and dark in test-artifacts/; returns the light one's path."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    for scheme in ("dark", "light"):
+        page.emulate_media(color_scheme=scheme)
+        page.screenshot(path=str(ARTIFACTS / ("totp-%s-%s.png" % (name, scheme))), full_page=True)
+    return ARTIFACTS / ("totp-%s-light.png" % name)
+
+
+def qr_from_screen(page, zxing):
+    """The text of the one QR code on the screen, read by zxing-cpp from a
+    screenshot of the viewport, in dark and in light mode (the same both times)."""
+    texts = set()
+    for scheme in ("dark", "light"):
+        page.emulate_media(color_scheme=scheme)
+        found = decode(zxing, image(png_grey(page.screenshot()), 1))
+        assert len(found) == 1, (scheme, found)
+        texts.add(found[0][0])
+    assert len(texts) == 1
+    return texts.pop()
+
+
+def app_echo(page):
+    return json.loads(page.locator("#echo").inner_text())
+
+
+def sign_in(page, name):
+    page.get_by_label("User name").fill(name)
+    page.get_by_label("Password").fill(E2E_PASSWORD[name])
+    page.get_by_role("button", name="Sign in").click()
+
+
+def session_of(page):
+    return next((c for c in page.context.cookies() if c["name"] == "authToken"), None)
+
+
+def test_browser_enrolment_then_two_step_sign_in(totp_site, browser_page, pyotp, zxing):
+    site, page = totp_site, browser_page
+    url = site.url.replace("127.0.0.1", "example.com")  # the browser maps it to 127.0.0.1
+    page.goto(url + "/wiki/page?x=1")
+    sign_in(page, "erin")
+    page.wait_for_url(url + "/wiki/page?x=1")
+    assert app_echo(page)["headers"]["x-auth-amr"] == ["pwd"]
+    page.goto(url + P + "/")
+    page.get_by_role("link", name="set up").click()
+    page.wait_for_url(url + P + "/totp")
+    shoot(page, "enrol")  # docs/totp-enrol.png in README is a copy of the light one
+    uri = qr_from_screen(page, zxing)
+    otp = pyotp.parse_uri(uri)
+    assert (otp.name, otp.issuer) == ("erin", "example.com")
+    assert page.locator(".secret").inner_text().replace(" ", "") == otp.secret
+    away_from_step_edge()
+    page.get_by_label("Code shown by the app").fill(otp.now())
+    page.get_by_role("button", name="Turn on two-factor sign-in").click()
+    page.wait_for_url(url + P + "/")
+    assert re.search(r"Two-factor sign-in\s+on", page.locator("dl").inner_text())
+    shoot(page, "whoami")
+    page.get_by_role("button", name="Sign out").click()
+    page.wait_for_url(url + P + "/login")
+    # sign in again: password, then the code page
+    page.goto(url + "/wiki/other")
+    sign_in(page, "erin")
+    code_box = page.get_by_label("The 6-digit code from your authenticator app")
+    code_box.wait_for()
+    assert session_of(page) is None
+    shoot(page, "code")
+    code_box.fill("%06d" % ((int(otp.now()) + 1) % 10 ** 6))
+    page.get_by_role("button", name="Verify").click()
+    page.get_by_role("alert").wait_for()
+    assert "not right" in page.get_by_role("alert").inner_text()
+    assert session_of(page) is None and page.get_by_label("The 6-digit code from your authenticator app").is_visible()
+    shoot(page, "code-error")
+    page.get_by_label("The 6-digit code from your authenticator app").fill(otp.at(time.time() + 30))
+    page.get_by_role("button", name="Verify").click()
+    page.wait_for_url(url + "/wiki/other")  # the page first asked for
+    assert {k: app_echo(page)["headers"][k] for k in ("x-auth-user", "x-auth-amr")} == {
+        "x-auth-user": ["erin"], "x-auth-amr": ["pwd,otp"]}
+
+
+def test_required_group_member_enrols_at_sign_in_in_the_browser(totp_site, browser_page, pyotp, zxing):
+    site, page = totp_site, browser_page
+    page.goto(site.url + "/admin/panel")
+    sign_in(page, "adam")
+    page.get_by_role("heading", name="Set up two-factor sign-in").wait_for()
+    assert "needs two-factor" in page.locator("main").inner_text() and session_of(page) is None
+    shoot(page, "required")
+    otp = pyotp.parse_uri(qr_from_screen(page, zxing))
+    assert otp.name == "adam"
+    away_from_step_edge()
+    page.get_by_label("Code shown by the app").fill(otp.now())
+    page.get_by_role("button", name="Turn on and sign in").click()
+    page.wait_for_url(site.url + "/admin/panel")
+    echo = app_echo(page)
+    assert echo["headers"]["x-auth-user"] == ["adam"] and echo["headers"]["x-auth-amr"] == ["pwd,otp"]
+    assert "adam:" in site.authd.users_file.read_text() and otp.secret in site.authd.users_file.read_text()
+
+
+def test_totp_site_logged_no_errors(totp_site):
+    log = totp_site.authd.log()
+    assert "internal error" not in log and "Traceback" not in log, log
+    assert not re.search(r"[A-Z2-7]{32}", log)  # no secret in the log
