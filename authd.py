@@ -1036,9 +1036,9 @@ def totp_step(now):
 
 def totp_code(key, step):
     """The code for one 30-second step: HOTP (RFC 4226) with the step as counter."""
-    digest = hmac.new(key, struct.pack(">Q", step), hashlib.sha1).digest()
+    digest = hmac.new(key, step.to_bytes(8, "big"), hashlib.sha1).digest()
     offset = digest[-1] & 0x0F  # "dynamic truncation"
-    number = struct.unpack(">I", digest[offset:offset + 4])[0] & 0x7FFFFFFF
+    number = int.from_bytes(digest[offset:offset + 4], "big") & 0x7FFFFFFF
     return str(number % 10 ** TOTP_DIGITS).zfill(TOTP_DIGITS)
 
 
@@ -2229,6 +2229,18 @@ class App:
             counted.append((limiter, limit_key))
         return 0
 
+    def count_code(self, address, name):
+        """Count a two-factor code against the address's and the name's login
+        limits (not the hash budget: a code costs no hash). 0 when allowed,
+        else the seconds to wait."""
+        key, now = rate_key(address), time.time()
+        wait = self.address_limits.hit(key, now)
+        if not wait:
+            wait = self.name_limits.hit(name[:64], now)
+            if wait:
+                self.address_limits.refund(key)
+        return wait
+
     def refund_attempt(self, address, name):
         self.address_limits.refund(rate_key(address))
         self.name_limits.refund(name[:64])
@@ -2408,7 +2420,7 @@ class App:
         if user is None or not hmac.compare_digest(user.fingerprint, claims["pwh"]) \
                 or (claims["step"] == "code") != bool(user.totp):
             return self.login_failed(request, False, 401, "This sign-in has expired; please sign in again", target)
-        wait = self.count_attempt(request.client_ip(), user.name)
+        wait = self.count_code(request.client_ip(), user.name)
         if wait:
             reply = self.login_failed(request, False, 429, "Too many attempts; try again in %d seconds" % wait, target)
             reply.headers.append(("Retry-After", str(wait)))
@@ -2500,7 +2512,7 @@ class App:
         fields = form_fields(request)
         if fields is None:
             return self.totp_page(request, user, now, 400, "The form data is malformed")
-        wait = self.count_attempt(request.client_ip(), user.name)
+        wait = self.count_code(request.client_ip(), user.name)
         if wait:
             reply = self.totp_page(request, user, now, 429, "Too many attempts; try again in %d seconds" % wait)
             reply.headers.append(("Retry-After", str(wait)))
