@@ -637,7 +637,6 @@ def test_browser_enrolment_then_two_step_sign_in(totp_site, browser_page, pyotp,
     shoot(page, "whoami")
     page.get_by_role("button", name="Sign out").click()
     page.wait_for_url(url + P + "/login")
-    # sign in again: password, then the code page
     page.goto(url + "/wiki/other")
     sign_in(page, "erin")
     code_box = page.get_by_label("The 6-digit code from your authenticator app")
