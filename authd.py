@@ -9,8 +9,8 @@ plain text file. See README.md.
 
 The file reads in the order data flows, one banner per section:
 logging -> counting -> settings -> password hashes -> users file -> tokens ->
-API clients -> rate limits -> request and reply -> pages -> app -> metrics ->
-server -> command line -> main.
+API clients -> two-factor codes -> rate limits -> request and reply -> QR codes ->
+pages -> app -> metrics -> server -> command line -> main.
 """
 
 import argparse
@@ -323,6 +323,15 @@ def apply_cookie_overrides(values, given, warnings):
                         "AUTH_COOKIE_SECURE)" % ", ".join(quoted(key) for key in ignored))
 
 
+def group_names(value):
+    """Group names separated by commas or white space, as a set."""
+    names = frozenset(name for name in re.split(r"[,\s]+", value) if name)
+    for name in names:
+        if not NAME_RE.fullmatch(name):
+            raise ValueError("%s is not a group name (no ':', ',', spaces or control characters)" % quoted(name))
+    return names
+
+
 LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
 Setting = namedtuple("Setting", "default parse attribute reloadable")
 SETTINGS = {
@@ -357,6 +366,9 @@ SETTINGS = {
     "AUTH_CACHE_SECONDS": Setting("0", whole_number(0, 3600, "seconds"), "cache_seconds", True),
     "AUTH_IDLE_TIMEOUT": Setting("75", real_number("seconds", "75", DAY), "idle_timeout", True),
     "AUTH_HEADER_TIMEOUT": Setting("10", real_number("seconds", "10", DAY), "header_timeout", True),
+    "AUTH_TOTP_GROUPS": Setting("", group_names, "totp_groups", True),
+    "AUTH_TOTP_ISSUER": Setting("", matching(r"[^\x00-\x1f\x7f]{0,100}", "must be at most 100 characters, "
+                                             "no control characters", optional), "totp_issuer", True),
 }
 SECRET_SETTINGS = ("AUTH_TOKEN_SECRET", "AUTH_BYPASS", "AUTH_PASSWORD")  # never echoed in a message
 
@@ -711,7 +723,9 @@ def verify_password(password, stored):
 
 
 # ---------------------------------------------------------------------------
-# Users file: "name:hash" or "name:hash:group1,group2" per line, # comments.
+# Users file: "name:hash" or "name:hash:group1,group2" per line, # comments;
+# a fourth field holds the user's two-factor secret ("name:hash:groups:SECRET",
+# "name:hash::SECRET" without groups).
 # Edits are atomic (temporary file, fsync, rename) under a lock file, so a
 # crash leaves the old file or the new one, never half of one.
 # ---------------------------------------------------------------------------
@@ -731,26 +745,43 @@ def check_name(name, what="user name"):
                          % (what, quoted(name)))
 
 
-class User:
-    __slots__ = ("name", "hash", "groups", "admin", "fingerprint", "allow_headers", "allow_response")
+# How a session was signed in (RFC 8176 "amr" values), in its token and in
+# X-Auth-Amr. A user with two-factor has only sessions that passed the code
+# step: enrolling or removing changes the fingerprint, which ends the others.
+AMR_PASSWORD = ("pwd",)
+AMR_TWO_FACTOR = ("pwd", "otp")
 
-    def __init__(self, name, password_hash, groups):
+
+class User:
+    __slots__ = ("name", "hash", "groups", "admin", "totp", "amr", "fingerprint", "allow_headers", "allow_response")
+
+    def __init__(self, name, password_hash, groups, totp=None):
         self.name = name
         self.hash = password_hash
         self.groups = tuple(groups)
         self.admin = "admin" in self.groups
-        # Tokens carry this fingerprint of the stored hash, so a new password
-        # (a new salt, a new hash) invalidates every older token.
+        self.totp = totp or None  # the base32 two-factor secret
+        self.amr = AMR_TWO_FACTOR if self.totp else AMR_PASSWORD
+        # Tokens carry this fingerprint of the stored hash (and two-factor
+        # secret), so a new password (a new salt, a new hash) or a two-factor
+        # change invalidates every older token. Without two-factor it is what
+        # it was before two-factor existed, so an upgrade ends no session.
+        material = password_hash + (":" + self.totp if self.totp else "")
         self.fingerprint = base64.urlsafe_b64encode(
-            hashlib.sha256(password_hash.encode("utf-8")).digest()[:9]).decode("ascii")
+            hashlib.sha256(material.encode("utf-8")).digest()[:9]).decode("ascii")
         # The hot path sends these bytes as they are.
-        self.allow_headers = ("X-Auth-User: %s\r\nX-Auth-Groups: %s\r\nX-Auth-Admin: %s\r\n" % (
-            name, ",".join(self.groups), "true" if self.admin else "false")).encode("utf-8")
+        self.allow_headers = ("X-Auth-User: %s\r\nX-Auth-Groups: %s\r\nX-Auth-Admin: %s\r\nX-Auth-Amr: %s\r\n" % (
+            name, ",".join(self.groups), "true" if self.admin else "false", ",".join(self.amr))).encode("utf-8")
         self.allow_response = (b"HTTP/1.1 200 OK\r\nCache-Control: no-store\r\n" + self.allow_headers
                                + b"Content-Length: 0\r\n\r\n")
 
     def line(self):
-        return ":".join([self.name, self.hash] + ([",".join(self.groups)] if self.groups else []))
+        fields = [self.name, self.hash]
+        if self.groups or self.totp:
+            fields.append(",".join(self.groups))
+        if self.totp:
+            fields.append(self.totp)
+        return ":".join(fields)
 
 
 class UsersFileError(Failure):
@@ -773,20 +804,27 @@ def parse_user_line(line):
     fields = line.split(":")
     if len(fields) < 2:
         raise ValueError("expected name:hash or name:hash:groups")
-    if len(fields) > 3:
-        raise ValueError("too many ':' (expected name:hash or name:hash:groups)")
+    if len(fields) > 4:
+        raise ValueError("too many ':' (expected name:hash, name:hash:groups or name:hash:groups:TOTPSECRET)")
     name, password_hash = fields[0], fields[1]
     check_name(name)
     if is_plaintext(password_hash):
         password_hash = password_hash.rstrip(" \t")  # an editor's leftover (plaintext_warnings says so)
     if not password_hash:
         raise ValueError("user %s has an empty password" % name)
-    groups = fields[2].split(",") if len(fields) == 3 and fields[2] else []
+    groups = fields[2].split(",") if len(fields) >= 3 and fields[2] else []
     for group in groups:
         check_name(group, "group name")
     if not is_plaintext(password_hash):
         check_hash_format(password_hash)
-    return User(name, password_hash, groups)
+    totp = fields[3] if len(fields) == 4 and fields[3] else None
+    if totp:
+        try:
+            totp_key(totp)
+        except ValueError:
+            raise ValueError("user %s: the two-factor secret (4th field) is not base32 of 80 bits or more"
+                             % name) from None
+    return User(name, password_hash, groups, totp)
 
 
 def parse_users_text(text, path):
@@ -974,7 +1012,16 @@ def set_hash(entries, name, new_hash):
     """Replace the hash of user NAME in ENTRIES (a users file being edited)."""
     for i, entry in enumerate(entries):
         if isinstance(entry, User) and entry.name == name:
-            entries[i] = User(name, new_hash, entry.groups)
+            entries[i] = User(name, new_hash, entry.groups, entry.totp)
+            return
+    raise KeyError(name)
+
+
+def set_totp(entries, name, secret):
+    """Set (or, with SECRET None, remove) the two-factor secret of user NAME in ENTRIES."""
+    for i, entry in enumerate(entries):
+        if isinstance(entry, User) and entry.name == name:
+            entries[i] = User(name, entry.hash, entry.groups, secret)
             return
     raise KeyError(name)
 
@@ -1210,7 +1257,8 @@ def issue_token(user, auth_time, now, settings, key):
     exp = now + int(settings.expiry_days * DAY)
     if settings.max_age_days:
         exp = min(exp, auth_time + int(settings.max_age_days * DAY))
-    claims = {"sub": user.name, "iat": now, "exp": exp, "auth_time": auth_time, "pwh": user.fingerprint}
+    claims = {"sub": user.name, "iat": now, "exp": exp, "auth_time": auth_time, "pwh": user.fingerprint,
+              "amr": list(user.amr)}
     return sign_token(claims, key), exp - now
 
 
@@ -1448,6 +1496,183 @@ class TokensStore:
         if user is None or not hmac.compare_digest(user.fingerprint, entry.fingerprint):
             return None
         return user
+
+
+# ---------------------------------------------------------------------------
+# Two-factor codes: RFC 6238 TOTP with the parameters every authenticator app
+# assumes (HMAC-SHA-1, 6 digits, 30-second steps). The caller keeps the last
+# accepted step per user, so that a code cannot be used twice.
+# ---------------------------------------------------------------------------
+
+TOTP_DIGITS = 6
+TOTP_PERIOD = 30
+TOTP_WINDOW = 1  # steps either side of the current one, for clock drift and typing time
+TOTP_ISSUER_DEFAULT = "authd"
+
+
+def new_totp_secret():
+    """160 random bits (RFC 4226's recommended key size) as base32 without padding."""
+    return base64.b32encode(secrets.token_bytes(20)).decode("ascii")
+
+
+def totp_key(secret):
+    """The key bytes of a base32 secret; spaces and lower case are tolerated, as apps show them.
+
+    Raises ValueError for anything that is not base32 of at least 80 bits.
+    """
+    text = secret.replace(" ", "").upper().rstrip("=")
+    if not text or len(text) % 8 in (1, 3, 6):
+        raise ValueError("not a base32 secret")
+    try:
+        key = base64.b32decode(text + "=" * (-len(text) % 8))
+    except (ValueError, TypeError):
+        raise ValueError("not a base32 secret") from None
+    if len(key) < 10:
+        raise ValueError("a two-factor secret needs at least 80 bits")
+    return key
+
+
+def totp_step(now):
+    return int(now) // TOTP_PERIOD
+
+
+def totp_code(key, step):
+    """The code for one 30-second step: HOTP (RFC 4226) with the step as counter."""
+    digest = hmac.new(key, step.to_bytes(8, "big"), hashlib.sha1).digest()
+    offset = digest[-1] & 0x0F  # "dynamic truncation"
+    number = int.from_bytes(digest[offset:offset + 4], "big") & 0x7FFFFFFF
+    return str(number % 10 ** TOTP_DIGITS).zfill(TOTP_DIGITS)
+
+
+def totp_verify(key, code, now):
+    """The step whose code matches, or None.
+
+    Every step of the window is computed and compared in constant time, with no
+    early exit, so the time taken does not tell which step (if any) matched.
+    The caller refuses a step it has accepted before (replay).
+    """
+    code = code.strip().replace(" ", "") if isinstance(code, str) else ""
+    if len(code) != TOTP_DIGITS or not code.isascii() or not code.isdigit():
+        return None
+    current = totp_step(now)
+    matched = None
+    for step in range(current - TOTP_WINDOW, current + TOTP_WINDOW + 1):
+        if hmac.compare_digest(totp_code(key, step), code):
+            matched = step
+    return matched
+
+
+def totp_uri(secret, account, issuer):
+    """The otpauth:// URI (Google's "Key Uri Format") that authenticator apps scan.
+
+    The label is ISSUER:ACCOUNT with a literal colon between them; a colon,
+    space or any non-ASCII character inside either is percent-encoded (UTF-8),
+    so the label splits back exactly. The issuer is repeated as a parameter,
+    which apps prefer over the label.
+    """
+    label = "%s:%s" % (urllib.parse.quote(issuer, safe=""), urllib.parse.quote(account, safe=""))
+    query = urllib.parse.urlencode(
+        [("secret", secret), ("issuer", issuer), ("algorithm", "SHA1"),
+         ("digits", str(TOTP_DIGITS)), ("period", str(TOTP_PERIOD))],
+        quote_via=urllib.parse.quote)  # %20 for a space: some apps show a "+" literally
+    return "otpauth://totp/%s?%s" % (label, query)
+
+
+# A pending second step: after a correct password, the browser holds a signed
+# value (never a server-side session) naming the user, the fingerprint of
+# their line, when the password was typed and an expiry. An enrolment step
+# also carries the new secret, which the same page shows anyway.
+STEP_SECONDS = 300      # a pending second step lasts 5 minutes
+STEP_CODES = 5          # codes tried on one pending second step
+STEP_KINDS = ("code", "enrol", "add")  # sign-in code; enrolment at sign-in; enrolment at P/totp
+FRESH_PASSWORD = 300    # P/totp needs a password typed this recently
+MAX_PENDING = 10000     # pending steps remembered (those that have had a code)
+
+
+def step_key(key):
+    """The key that signs pending steps: derived from a token key, so that a
+    pending value never passes as a session token, nor a token as a step."""
+    return hmac.new(key, b"authd: pending second step", hashlib.sha256).digest()
+
+
+def new_step(user, kind, auth_time, now):
+    claims = {"sub": user.name, "pwh": user.fingerprint, "auth_time": auth_time, "exp": now + STEP_SECONDS,
+              "jti": secrets.token_urlsafe(12), "step": kind}
+    if kind != "code":
+        claims["secret"] = new_totp_secret()
+    return claims
+
+
+def open_step(value, keys, now):
+    """The claims of a pending step signed with one of KEYS and not expired, else None."""
+    if not isinstance(value, str) or len(value) > MAX_TOKEN or value.count(".") != 2:
+        return None
+    header, payload, signature = value.split(".")
+    try:
+        given = b64url_decode(signature)
+        signing_input = (header + "." + payload).encode("ascii")
+        matched = False
+        for key in keys:
+            expected = hmac.new(step_key(key), signing_input, hashlib.sha256).digest()
+            matched |= hmac.compare_digest(expected, given)
+        claims = strict_json(b64url_decode(payload)) if matched and header == TOKEN_HEADER else None
+    except (ValueError, UnicodeError, RecursionError, binascii.Error):
+        return None
+    if not isinstance(claims, dict) or claims.get("step") not in STEP_KINDS:
+        return None
+    if not (valid_name(claims.get("sub")) and isinstance(claims.get("pwh"), str) and _is_int(claims.get("exp"))
+            and _is_int(claims.get("auth_time")) and isinstance(claims.get("jti"), str)
+            and (claims["step"] == "code" or isinstance(claims.get("secret"), str))):
+        return None
+    if not now < claims["exp"] <= now + STEP_SECONDS + CLOCK_SKEW:
+        return None
+    return claims
+
+
+class CodeLedger:
+    """What authd remembers about codes, in bounded memory: per user, the last
+    step accepted (a code is refused again while it could still be valid, and
+    so is any older one, as RFC 6238 section 5.2 advises); per pending step,
+    the codes tried."""
+
+    def __init__(self, max_pending=MAX_PENDING):
+        self.lock = threading.Lock()
+        self.last_step = {}             # user name -> last accepted step (only while still current)
+        self.tries = OrderedDict()      # pending step id -> [expiry, codes tried]
+        self.max_pending = max_pending
+
+    def accept(self, name, step, now):
+        """Record STEP as used by NAME; False if it (or a later one) was used."""
+        with self.lock:
+            oldest_valid = totp_step(now) - TOTP_WINDOW
+            for old in [n for n, s in self.last_step.items() if s < oldest_valid]:
+                del self.last_step[old]  # bounded: only steps that could still be replayed
+            if self.last_step.get(name, oldest_valid - 1) >= step:
+                return False
+            self.last_step[name] = step
+            return True
+
+    def try_code(self, step_id, expiry, now):
+        """Count one code on a pending step: False once it has had STEP_CODES
+        (or succeeded), and when the table is full of live steps (fail closed)."""
+        with self.lock:
+            while self.tries and next(iter(self.tries.values()))[0] <= now:
+                self.tries.popitem(last=False)
+            entry = self.tries.get(step_id)
+            if entry is None:
+                if len(self.tries) >= self.max_pending:
+                    return False
+                entry = self.tries[step_id] = [expiry, 0]
+            if entry[1] >= STEP_CODES:
+                return False
+            entry[1] += 1
+            return True
+
+    def spend(self, step_id):
+        """A step that succeeded takes no more codes (a replayed value is refused)."""
+        with self.lock:
+            if step_id in self.tries:
+                self.tries[step_id][1] = STEP_CODES
 
 
 # ---------------------------------------------------------------------------
@@ -1783,6 +2008,417 @@ def parse_login_body(request):
     return (name if isinstance(name, str) else "", password if isinstance(password, str) else "", target)
 
 
+def json_code(request):
+    """The two-factor "code" of a JSON login body: None when absent, "" when
+    not a string (a number would have lost its leading zeros)."""
+    try:
+        data = strict_json(request.body)
+    except (ValueError, UnicodeError, RecursionError):
+        return None
+    code = data.get("code") if isinstance(data, dict) else None
+    return None if code is None else code if isinstance(code, str) else ""
+
+
+def form_fields(request):
+    """The fields of a form-urlencoded body (the last of a repeated name), or
+    None when it is malformed or of another type."""
+    if request.content_type() not in ("application/x-www-form-urlencoded", ""):
+        return None
+    try:
+        text = request.body.decode("utf-8")
+        return dict(urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text),
+                                           max_num_fields=20, errors="strict"))
+    except (ValueError, UnicodeError):
+        return None
+
+
+# ---------------------------------------------------------------------------
+# QR codes (ISO/IEC 18004), just enough to show an otpauth:// URI: byte mode,
+# error correction level M (15% of the symbol may be lost), the smallest
+# version (size) that holds the text, the mask with the lowest penalty.
+# A symbol is a square list of rows of booleans, True for a dark module.
+# ---------------------------------------------------------------------------
+
+# Per version 1-40 at level M: error correction codewords per block, and the
+# number of blocks (ISO/IEC 18004:2015 Table 9). Index 0 is unused.
+QR_ECC_PER_BLOCK_M = (
+    None, 10, 16, 26, 18, 24, 16, 18, 22, 22, 26, 30, 22, 22, 24, 24, 28, 28, 26, 26,
+    26, 26, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28)
+QR_BLOCKS_M = (
+    None, 1, 1, 1, 2, 2, 4, 4, 4, 5, 5, 5, 8, 9, 9, 10, 10, 11, 13, 14, 16,
+    17, 17, 18, 20, 21, 23, 25, 26, 28, 29, 31, 33, 35, 37, 38, 40, 43, 45, 47, 49)
+QR_FORMAT_LEVEL_M = 0b00  # the two error-correction bits of the format information
+QR_PAD_BYTES = (0xEC, 0x11)  # the standard's alternating filler
+
+
+def qr_size(version):
+    return 17 + 4 * version
+
+
+def _qr_alignment_positions(version):
+    """Row/column centres of the alignment patterns: 6, then evenly spaced (even
+    steps) back from the far edge, as in the standard's Annex E table."""
+    if version == 1:
+        return []
+    count = version // 7 + 2
+    step = (version * 8 + count * 3 + 5) // (count * 4 - 4) * 2
+    last = qr_size(version) - 7
+    return [6] + [last - i * step for i in range(count - 2, -1, -1)]
+
+
+def _qr_total_codewords(version):
+    """Codewords in a symbol: the modules left after all function patterns, / 8."""
+    modules = (16 * version + 128) * version + 64
+    if version >= 2:
+        count = version // 7 + 2
+        modules -= (25 * count - 10) * count - 55  # alignment patterns, less overlap with timing
+    if version >= 7:
+        modules -= 36  # two version information blocks
+    return modules // 8
+
+
+def qr_data_capacity(version):
+    """Data codewords (bytes) at level M."""
+    return _qr_total_codewords(version) - QR_ECC_PER_BLOCK_M[version] * QR_BLOCKS_M[version]
+
+
+def _qr_count_bits(version):
+    return 8 if version <= 9 else 16  # byte-mode character count indicator
+
+
+def qr_smallest_version(length):
+    """The smallest version whose level-M capacity holds LENGTH bytes in byte mode."""
+    for version in range(1, 41):
+        needed = 4 + _qr_count_bits(version) + 8 * length
+        if needed <= 8 * qr_data_capacity(version):
+            return version
+    raise ValueError("too long for a QR code: %d bytes" % length)
+
+
+def _qr_data_codewords(data, version):
+    """Mode, count, the bytes, a terminator, then padding to the full capacity."""
+    bits = "0100" + format(len(data), "0%db" % _qr_count_bits(version))
+    bits += "".join(format(byte, "08b") for byte in data)
+    capacity = 8 * qr_data_capacity(version)
+    bits += "0" * min(4, capacity - len(bits))  # terminator, shortened if there is no room
+    bits += "0" * (-len(bits) % 8)
+    codewords = [int(bits[i:i + 8], 2) for i in range(0, len(bits), 8)]
+    for i in range(capacity // 8 - len(codewords)):
+        codewords.append(QR_PAD_BYTES[i % 2])
+    return codewords
+
+
+# ---- Reed-Solomon over GF(256) with the QR polynomial x^8+x^4+x^3+x^2+1.
+
+def _gf_multiply(x, y):
+    """Carry-less multiplication modulo 0x11D (Russian peasant)."""
+    product = 0
+    for i in range(7, -1, -1):
+        product = (product << 1) ^ ((product >> 7) * 0x11D)
+        product ^= ((y >> i) & 1) * x
+    return product
+
+
+def _rs_generator(degree):
+    """Coefficients (highest first, leading 1 dropped) of (x - a^0)...(x - a^(degree-1))."""
+    coefficients = [0] * (degree - 1) + [1]
+    root = 1
+    for _ in range(degree):
+        for j in range(degree):
+            coefficients[j] = _gf_multiply(coefficients[j], root)
+            if j + 1 < degree:
+                coefficients[j] ^= coefficients[j + 1]
+        root = _gf_multiply(root, 0x02)
+    return coefficients
+
+
+def _rs_remainder(data, generator):
+    """The error correction codewords: DATA * x^degree modulo the generator."""
+    remainder = [0] * len(generator)
+    for byte in data:
+        factor = byte ^ remainder.pop(0)
+        remainder.append(0)
+        for i, coefficient in enumerate(generator):
+            remainder[i] ^= _gf_multiply(coefficient, factor)
+    return remainder
+
+
+def _qr_interleave(codewords, version):
+    """Split data into blocks, add each block's error correction, and interleave
+    column by column (data first, then error correction), as the standard orders them.
+
+    The later blocks are one data codeword longer when the data does not divide evenly.
+    """
+    block_count = QR_BLOCKS_M[version]
+    ecc_length = QR_ECC_PER_BLOCK_M[version]
+    short_length = len(codewords) // block_count
+    long_blocks = len(codewords) % block_count
+    generator = _rs_generator(ecc_length)
+    blocks, start = [], 0
+    for index in range(block_count):
+        length = short_length + (1 if index >= block_count - long_blocks else 0)
+        data = codewords[start:start + length]
+        start += length
+        blocks.append((data, _rs_remainder(data, generator)))
+    result = []
+    for column in range(short_length + 1):
+        result.extend(data[column] for data, _ in blocks if column < len(data))
+    for column in range(ecc_length):
+        result.extend(ecc[column] for _, ecc in blocks)
+    return result
+
+
+# ---- The symbol: function patterns first, then the data in the remaining modules.
+
+def _qr_draw_finder(modules, reserved, centre_x, centre_y):
+    """A 7x7 finder pattern with its light separator ring (clipped at the edges)."""
+    size = len(modules)
+    for dy in range(-4, 5):
+        for dx in range(-4, 5):
+            x, y = centre_x + dx, centre_y + dy
+            if 0 <= x < size and 0 <= y < size:
+                modules[y][x] = max(abs(dx), abs(dy)) not in (2, 4)
+                reserved[y][x] = True
+
+
+def _qr_draw_alignment(modules, reserved, centre_x, centre_y):
+    for dy in range(-2, 3):
+        for dx in range(-2, 3):
+            modules[centre_y + dy][centre_x + dx] = max(abs(dx), abs(dy)) != 1
+            reserved[centre_y + dy][centre_x + dx] = True
+
+
+def _qr_format_bits(mask):
+    """15 bits: level and mask, a BCH(15,5) remainder, XORed with the standard's mask."""
+    data = QR_FORMAT_LEVEL_M << 3 | mask
+    remainder = data
+    for _ in range(10):
+        remainder = (remainder << 1) ^ ((remainder >> 9) * 0x537)
+    return (data << 10 | remainder) ^ 0x5412
+
+
+def _qr_draw_format(modules, reserved, mask):
+    """Both copies of the format information, and the always-dark module."""
+    size = len(modules)
+    bits = _qr_format_bits(mask)
+
+    def put(x, y, i):
+        modules[y][x] = bool(bits >> i & 1)
+        reserved[y][x] = True
+
+    for i in range(6):
+        put(8, i, i)
+    put(8, 7, 6)
+    put(8, 8, 7)
+    put(7, 8, 8)
+    for i in range(9, 15):
+        put(14 - i, 8, i)
+    for i in range(8):
+        put(size - 1 - i, 8, i)
+    for i in range(8, 15):
+        put(8, size - 15 + i, i)
+    modules[size - 8][8] = reserved[size - 8][8] = True
+
+
+def _qr_draw_version(modules, reserved, version):
+    """From version 7: 6 version bits and a BCH(18,6) remainder, in two 6x3 blocks."""
+    if version < 7:
+        return
+    remainder = version
+    for _ in range(12):
+        remainder = (remainder << 1) ^ ((remainder >> 11) * 0x1F25)
+    bits = version << 12 | remainder
+    far = len(modules) - 11
+    for i in range(18):
+        dark = bool(bits >> i & 1)
+        a, b = far + i % 3, i // 3
+        modules[b][a] = modules[a][b] = dark
+        reserved[b][a] = reserved[a][b] = True
+
+
+def _qr_function_patterns(version):
+    """A symbol with only its function patterns, and which modules they take."""
+    size = qr_size(version)
+    modules = [[False] * size for _ in range(size)]
+    reserved = [[False] * size for _ in range(size)]
+    for i in range(size):  # timing patterns
+        modules[6][i] = modules[i][6] = i % 2 == 0
+        reserved[6][i] = reserved[i][6] = True
+    for x, y in ((3, 3), (size - 4, 3), (3, size - 4)):
+        _qr_draw_finder(modules, reserved, x, y)
+    centres = _qr_alignment_positions(version)
+    corners = {(6, 6), (6, centres[-1] if centres else 0), (centres[-1] if centres else 0, 6)}
+    for y in centres:
+        for x in centres:
+            if (x, y) not in corners:  # these would overlap a finder pattern
+                _qr_draw_alignment(modules, reserved, x, y)
+    _qr_draw_format(modules, reserved, 0)  # placeholder: reserves the modules
+    _qr_draw_version(modules, reserved, version)
+    return modules, reserved
+
+
+def _qr_place_codewords(modules, reserved, codewords):
+    """Bits go up and down two-module-wide columns from the right edge, skipping
+    the vertical timing pattern and every reserved module; leftover modules
+    (the remainder bits) stay light."""
+    size = len(modules)
+    bits = [byte >> (7 - i) & 1 for byte in codewords for i in range(8)]
+    index = 0
+    right = size - 1
+    while right >= 1:
+        if right == 6:
+            right = 5
+        upward = (right + 1) & 2 == 0
+        for vertical in range(size):
+            y = size - 1 - vertical if upward else vertical
+            for x in (right, right - 1):
+                if not reserved[y][x] and index < len(bits):
+                    modules[y][x] = bool(bits[index])
+                    index += 1
+        right -= 2
+
+
+QR_MASKS = (
+    lambda y, x: (y + x) % 2 == 0,
+    lambda y, x: y % 2 == 0,
+    lambda y, x: x % 3 == 0,
+    lambda y, x: (y + x) % 3 == 0,
+    lambda y, x: (y // 2 + x // 3) % 2 == 0,
+    lambda y, x: y * x % 2 + y * x % 3 == 0,
+    lambda y, x: (y * x % 2 + y * x % 3) % 2 == 0,
+    lambda y, x: ((y + x) % 2 + y * x % 3) % 2 == 0,
+)
+
+
+def _qr_masked(modules, reserved, mask):
+    """A copy with the mask applied to the data modules and its format bits drawn."""
+    condition = QR_MASKS[mask]
+    result = [[module != (not fixed and condition(y, x))
+               for x, (module, fixed) in enumerate(zip(row, fixed_row))]
+              for y, (row, fixed_row) in enumerate(zip(modules, reserved))]
+    _qr_draw_format(result, reserved, mask)  # the same modules it reserved
+    return result
+
+
+# ---- Mask choice: the standard's four penalty rules, lowest total wins.
+
+def _qr_line_penalty(line):
+    """Rules 1 and 3 along one row or column: runs of 5+ same-colour modules
+    (3 points, +1 per extra module), and each dark-light-dark-dark-dark-light-
+    dark (1:1:3:1:1) pattern preceded or followed by 4 light modules (40
+    points), the light quiet zone beyond the edges counting as light."""
+    score, run = 0, 1
+    for previous, module in zip(line, line[1:]):
+        run = run + 1 if module == previous else 1
+        if run == 5:
+            score += 3
+        elif run > 5:
+            score += 1
+    text = "0000" + "".join("1" if module else "0" for module in line) + "0000"
+    start = text.find("1011101")
+    while start != -1:
+        if text[start - 4:start] == "0000" or text[start + 7:start + 11] == "0000":
+            score += 40
+        start = text.find("1011101", start + 1)
+    return score
+
+
+def qr_penalty(modules):
+    """The total penalty of a finished symbol (rules 1-4)."""
+    score = sum(_qr_line_penalty(line) for line in modules)
+    score += sum(_qr_line_penalty(list(line)) for line in zip(*modules))
+    for upper, lower in zip(modules, modules[1:]):  # rule 2: 2x2 blocks of one colour
+        for x in range(len(upper) - 1):
+            if upper[x] == upper[x + 1] == lower[x] == lower[x + 1]:
+                score += 3
+    total = len(modules) ** 2
+    dark = sum(map(sum, modules))
+    # rule 4: 10 points for each full 5% by which the dark share differs from 50%
+    return score + 10 * (abs(dark * 2 - total) * 10 // total)
+
+
+def qr_matrix(text):
+    """The QR code of TEXT (UTF-8, byte mode, level M, smallest version, best mask)."""
+    data = text.encode("utf-8")
+    version = qr_smallest_version(len(data))
+    codewords = _qr_interleave(_qr_data_codewords(data, version), version)
+    modules, reserved = _qr_function_patterns(version)
+    _qr_place_codewords(modules, reserved, codewords)
+    candidates = [_qr_masked(modules, reserved, mask) for mask in range(8)]
+    return min(candidates, key=qr_penalty)
+
+
+# ---------------------------------------------------------------------------
+# Showing a QR code: in a terminal (text) and in a page (inline SVG). Both
+# draw dark modules on an explicitly light ground with a 4-module quiet zone,
+# because phone cameras read dark-on-light codes and not always the inverse.
+# ---------------------------------------------------------------------------
+
+QR_QUIET_ZONE = 4
+# SGR 30;47: black characters on a white background, set explicitly so the
+# code reads the same on a dark and on a light terminal (the bare default
+# colours would invert it on one of them). These are two of the eight base
+# colours every terminal has, and colour themes keep black dark and white light.
+TERMINAL_DARK_ON_LIGHT = "\x1b[30;47m"
+TERMINAL_RESET = "\x1b[0m"
+HALF_BLOCKS = {(False, False): " ", (True, False): "\u2580", (False, True): "\u2584", (True, True): "\u2588"}
+
+
+def qr_with_quiet_zone(modules, border=QR_QUIET_ZONE):
+    width = len(modules) + 2 * border
+    blank = [False] * width
+    return ([blank[:] for _ in range(border)]
+            + [[False] * border + list(row) + [False] * border for row in modules]
+            + [blank[:] for _ in range(border)])
+
+
+def qr_terminal(modules):
+    """Text lines, two module rows per character (upper and lower half blocks),
+    so the modules come out square in a terminal whose cells are twice as high as wide.
+
+    Each line sets the colours at its start and resets them at its end, so a
+    line stands alone (pagers, copied text) and the prompt after it is unpainted.
+    """
+    rows = qr_with_quiet_zone(modules)
+    if len(rows) % 2:
+        rows.append([False] * len(rows[0]))  # the lower half of the last line: light
+    lines = []
+    for upper, lower in zip(rows[0::2], rows[1::2]):
+        text = "".join(HALF_BLOCKS[pair] for pair in zip(upper, lower))
+        lines.append(TERMINAL_DARK_ON_LIGHT + text + TERMINAL_RESET)
+    return "\n".join(lines) + "\n"
+
+
+def qr_svg_path(modules):
+    """Path data: one rectangle per horizontal run of dark modules."""
+    parts = []
+    for y, row in enumerate(modules):
+        x = 0
+        while x < len(row):
+            if not row[x]:
+                x += 1
+                continue
+            start = x
+            while x < len(row) and row[x]:
+                x += 1
+            parts.append("M%d %dh%dv1h-%dz" % (start + QR_QUIET_ZONE, y + QR_QUIET_ZONE,
+                                               x - start, x - start))
+    return "".join(parts)
+
+
+def qr_svg(modules, label, pixels_per_module=4):
+    """An inline SVG: a white square (the quiet zone and light modules) and one
+    black path, colours set by fill attributes (no style attribute, which a CSP
+    without 'unsafe-inline' would block), no script, no external reference.
+    crispEdges keeps module edges sharp at any scale."""
+    size = len(modules) + 2 * QR_QUIET_ZONE
+    return ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {n} {n}" width="{px}" height="{px}"'
+            ' shape-rendering="crispEdges" role="img" aria-label="{label}">'
+            '<rect width="{n}" height="{n}" fill="#fff"/>'
+            '<path fill="#000" d="{path}"/></svg>').format(
+        n=size, px=size * pixels_per_module, label=html.escape(label), path=qr_svg_path(modules))
+
+
 # ---------------------------------------------------------------------------
 # Pages: one stylesheet (allowed by its hash in the CSP, so no inline script
 # or style attribute can run), one frame, and the bodies that go in it.
@@ -1810,6 +2446,12 @@ background:var(--accent);color:var(--accent-text);cursor:pointer}
 .notice{background:var(--bg);color:var(--text)}
 a{color:var(--accent)}.back{margin:20px 0 0;text-align:center}
 dl{margin:0}dt{color:var(--muted);margin-top:12px}dd{margin:0;font-weight:600;word-break:break-all}
+a{color:var(--accent)}
+.note{margin:16px 0 0;color:var(--muted)}
+.qr{display:flex;justify-content:center;margin:16px 0 4px}
+.qr svg{max-width:100%;height:auto;border-radius:4px}
+.secret{margin:4px 0 8px;text-align:center;font:600 1.05rem/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;
+word-spacing:.3em;word-break:break-word}
 """
 STYLE_HASH = base64.b64encode(hashlib.sha256(STYLE.encode("utf-8")).digest()).decode("ascii")
 PAGE_HEADERS = [
@@ -1841,10 +2483,10 @@ LOGIN_PAGE = """<h1>Sign in</h1>
 <button type="submit">Sign in</button>
 </form>"""
 WHOAMI_PAGE = """<h1>Signed in</h1>
-<dl><dt>User</dt><dd>{name}</dd><dt>Role</dt><dd>{role}</dd><dt>Groups</dt><dd>{groups}</dd></dl>
+<dl><dt>User</dt><dd>{name}</dd><dt>Role</dt><dd>{role}</dd><dt>Groups</dt><dd>{groups}</dd>
+<dt>Two-factor sign-in</dt><dd>{two_factor} &middot; <a href="{totp}">{manage}</a></dd></dl>
 <form method="post" action="{action}"><button type="submit">Sign out</button></form>
 <p class="back"><a href="/">Back to the site</a></p>"""
-
 DROPPED_COOKIE_PAGE = """<h1>Not signed in</h1>
 <p class="site">to {site}</p>
 <p class="error" role="alert">Your password was right, but this page came over plain http, and your browser
@@ -1852,6 +2494,47 @@ does not keep the session cookie there: it is marked Secure, for https only.</p>
 <p>Open the site over https: <a href="{https}">{https}</a></p>
 <p>If the site has no https, the administrator can set <code>AUTH_COOKIE_SECURE=false</code> in authd's settings
 (anyone on the network can then read the cookie).</p>"""
+CODE_INPUT = """<input id="code" name="code" inputmode="numeric" autocomplete="one-time-code" pattern="[0-9 ]{6,7}"
+ maxlength="7" spellcheck="false" required autofocus>"""
+CODE_PAGE = """<h1>Two-factor code</h1>
+<p class="site">{name} on {site}</p>
+{error}<form method="post" action="{action}">
+<input type="hidden" name="pending" value="{pending}">
+<input type="hidden" name="rd" value="{target}">
+<label for="code">The 6-digit code from your authenticator app</label>
+""" + CODE_INPUT.replace("{", "{{").replace("}", "}}") + """
+<button type="submit">Verify</button>
+</form>
+<p class="note"><a href="{restart}">Sign in as someone else</a></p>"""
+ENROL_REQUIRED = "Your account needs two-factor sign-in. Scan this code with an authenticator app, then enter the code it shows."
+ENROL_OPTIONAL = "Scan this code with an authenticator app, then enter the code it shows. Signing in will then ask for a code."
+ENROL_PAGE = """<h1>Set up two-factor sign-in</h1>
+<p class="site">{name} on {site}</p>
+<p>{intro}</p>
+<div class="qr">{svg}</div>
+<p class="note">Or enter this key by hand (time-based, 6 digits):</p>
+<p class="secret">{secret}</p>
+{error}<form method="post" action="{action}">
+<input type="hidden" name="pending" value="{pending}">
+<input type="hidden" name="rd" value="{target}">
+<label for="code">Code shown by the app</label>
+""" + CODE_INPUT.replace("{", "{{").replace("}", "}}") + """
+<button type="submit">{button}</button>
+</form>"""
+TOTP_ON_PAGE = """<h1>Two-factor sign-in</h1>
+<p class="site">{name} on {site}</p>
+<p>Two-factor sign-in is <strong>on</strong>: signing in asks for a code from your authenticator app.</p>
+{error}<form method="post" action="{action}">
+<label for="code">To turn it off, enter a current code</label>
+""" + CODE_INPUT.replace("{", "{{").replace("}", "}}") + """
+<button type="submit">Turn off two-factor sign-in</button>
+</form>
+<p class="note"><a href="{back}">Back</a></p>"""
+QR_PAGE_PIXELS = 240  # about this wide on a page: an integer number of pixels per module
+
+
+def error_paragraph(message):
+    return '<p class="error" role="alert">%s</p>' % html.escape(message) if message else ""
 
 
 def page(site, title, body):
@@ -1912,6 +2595,7 @@ class App:
         self.tokens = TokensStore(settings.tokens_file)
         self.pairs = PairCache()
         self.open_connections = lambda: 0  # the server sets this, for the metrics
+        self.codes = CodeLedger()
         self.configure(settings, keys)
 
     def configure(self, settings, keys):
@@ -1941,6 +2625,8 @@ class App:
             p + "/logged-in": ("GET, HEAD", self.handle_whoami),
             p + "/healthz": ("GET, HEAD", self.handle_health),
             p + "/metrics": ("GET, HEAD", self.handle_metrics),
+            p + "/login/code": ("GET, HEAD, POST", self.handle_second_step),
+            p + "/totp": ("GET, HEAD, POST", self.handle_totp),
         }
         if p:
             routes[p] = ("GET, HEAD", self.handle_whoami)
@@ -1985,6 +2671,9 @@ class App:
             user = self.store.users.get(claims["sub"])
             if user is None or not hmac.compare_digest(user.fingerprint, claims["pwh"]):
                 continue
+            if (user.totp and claims.get("amr") != list(AMR_TWO_FACTOR)) or (
+                    self.settings.totp_groups and self.must_enrol(user)):
+                continue  # a session without the second factor that this user needs
             max_age = self.settings.max_age_days
             if max_age and now - claims["auth_time"] > max_age * DAY:
                 continue
@@ -2182,6 +2871,18 @@ class App:
             counted.append((limiter, limit_key))
         return 0
 
+    def count_code(self, address, name):
+        """Count a two-factor code against the address's and the name's login
+        limits (not the hash budget: a code costs no hash). 0 when allowed,
+        else the seconds to wait."""
+        key, now = rate_key(address), time.time()
+        wait = self.address_limits.hit(key, now)
+        if not wait:
+            wait = self.name_limits.hit(name[:64], now)
+            if wait:
+                self.address_limits.refund(key)
+        return wait
+
     def refund_attempt(self, address, name):
         self.address_limits.refund(rate_key(address))
         self.name_limits.refund(name[:64])
@@ -2197,12 +2898,19 @@ class App:
         if user is None:
             log("warning", "login failed from %s user=%s" % (address, quoted(name)))
             return self.wrong_credentials(request, wants_json, target, name)
-        self.refund_attempt(address, name)
+        if user.totp or self.must_enrol(user):
+            LOGIN_COUNTS.add("two-factor")
+            return self.second_step(request, wants_json, user, target)
+        return self.signed_in(request, wants_json, user, int(time.time()), target)
+
+    def signed_in(self, request, wants_json, user, auth_time, target):
+        """The end of every successful sign-in: the session cookie."""
+        address = request.client_ip()
+        self.refund_attempt(address, user.name)
         dropped = self.cookie_will_be_dropped(request)
-        log("info", "login ok from %s user=%s" % (address, quoted(user.name)))
+        log("info", "login ok from %s user=%s%s" % (address, quoted(user.name), " (two-factor)" if user.totp else ""))
         LOGIN_COUNTS.add("ok")
-        now = int(time.time())
-        cookie = ("Set-Cookie", self.session_cookie(user, now, now))
+        cookie = ("Set-Cookie", self.session_cookie(user, auth_time, int(time.time())))
         if wants_json:
             return Reply(200, headers=[cookie], data={"status": "ok", "user": user.name})
         if dropped:  # a redirect would show the empty form again, without a word
@@ -2331,7 +3039,9 @@ class App:
             return Reply(303, headers=[("Location", self.base(request) + "/login")])
         groups = ", ".join(user.groups) or "none"
         body = WHOAMI_PAGE.format(name=html.escape(user.name), role="an administrator" if user.admin else "a user",
-                                  groups=html.escape(groups), action=html.escape(self.base(request) + "/logout"))
+                                  groups=html.escape(groups), action=html.escape(self.base(request) + "/logout"),
+                                  two_factor="on" if user.totp else "off", totp=html.escape(self.base(request) + "/totp"),
+                                  manage="turn off" if user.totp else "set up")
         return Reply(200, page=page(host_name(request.site_host()) or "this site", "Signed in", body))
 
     def busy(self, request, wants_json=None, target=None):
@@ -2373,6 +3083,208 @@ class App:
             return Reply(403, data={"status": "fail", "message": "Only an app token of a user in group admin "
                                                                  "or metrics may read the metrics"})
         return Reply(200, body=render_metrics(self).encode("utf-8"), content_type=METRICS_TYPE)
+
+    # -- two-factor sign-in: the second step after the password ---------------
+
+    def must_enrol(self, user):
+        """A member of AUTH_TOTP_GROUPS without two-factor gets no session until enrolled."""
+        return not user.totp and not self.settings.totp_groups.isdisjoint(user.groups)
+
+    def check_code(self, name, secret, code, now):
+        """True if CODE is current for SECRET and NAME has not used it (or a later one)."""
+        step = totp_verify(totp_key(secret), code, now)
+        return step is not None and self.codes.accept(name, step, now)
+
+    def second_step(self, request, wants_json, user, target):
+        """After a correct password, for a user with two-factor (or who must
+        enrol): the JSON API checks the body's "code" now; a browser gets the
+        code (or enrolment) page holding a signed pending step."""
+        address, now = request.client_ip(), int(time.time())
+        if not wants_json:
+            self.refund_attempt(address, user.name)  # the password was right; each code counts on its own
+            claims = new_step(user, "code" if user.totp else "enrol", now, now)
+            return self.step_page(request, sign_token(claims, step_key(self.keys[0])), claims, user, target)
+        if not user.totp:
+            return Reply(401, data={"status": "fail", "message": "Two-factor sign-in must be set up first, in a browser",
+                                    "totp": True, "enrol": True})
+        code = json_code(request)
+        if code is None:
+            self.refund_attempt(address, user.name)
+            return Reply(401, data={"status": "fail", "message": "Code required", "totp": True})
+        if not self.check_code(user.name, user.totp, code, now):
+            log("warning", "login failed from %s user=%s (wrong two-factor code)" % (address, quoted(user.name)))
+            return Reply(401, data={"status": "fail", "message": "Invalid code", "totp": True})
+        return self.signed_in(request, wants_json, user, now, target)
+
+    def handle_second_step(self, request):
+        """POST P/login/code: a code for a pending step from the code or
+        enrolment page. Each code counts against the login rate limits."""
+        target = self.return_target(request)
+        if request.method in ("GET", "HEAD"):
+            return Reply(303, headers=[("Location", self.settings.prefix + "/login")])
+        if self.cross_site(request):
+            return self.login_failed(request, False, 403, "Cross-site login refused", target)
+        fields = form_fields(request)
+        if fields is None:
+            return self.login_failed(request, False, 400, "The form data is malformed", target)
+        target, now = safe_target(fields.get("rd") or "/"), int(time.time())
+        claims = open_step(fields.get("pending"), self.keys, now)
+        user = self.store.users.get(claims["sub"]) if claims and claims["step"] != "add" else None
+        if user is None or not hmac.compare_digest(user.fingerprint, claims["pwh"]) \
+                or (claims["step"] == "code") != bool(user.totp):
+            return self.login_failed(request, False, 401, "This sign-in has expired; please sign in again", target)
+        wait = self.count_code(request.client_ip(), user.name)
+        if wait:
+            reply = self.login_failed(request, False, 429, "Too many attempts; try again in %d seconds" % wait, target)
+            reply.headers.append(("Retry-After", str(wait)))
+            return reply
+        if not self.codes.try_code(claims["jti"], claims["exp"], now):
+            return self.login_failed(request, False, 401, "Too many codes; please sign in again", target, user.name)
+        return self.check_step(request, user, fields, claims, target, now)
+
+    def check_step(self, request, user, fields, claims, target, now):
+        """The code of a pending sign-in step: wrong keeps the step, right
+        signs in (after saving the secret, for an enrolment)."""
+        secret = user.totp if claims["step"] == "code" else claims["secret"]
+        if not self.check_code(user.name, secret, fields.get("code", ""), now):
+            log("warning", "login failed from %s user=%s (wrong two-factor code)"
+                % (request.client_ip(), quoted(user.name)))
+            return self.step_page(request, fields["pending"], claims, user, target, 401,
+                                  "That code is not right (or was used already); try the next one")
+        self.codes.spend(claims["jti"])
+        if claims["step"] == "enrol":
+            return Later(self.finish_enrolment, request, user, claims, target)
+        return self.signed_in(request, False, user, claims["auth_time"], target)
+
+    def finish_enrolment(self, request, user, claims, target):
+        """Enrolment at sign-in, confirmed by a code: save the secret, then sign in."""
+        try:
+            enrolled = self.save_totp(user.name, claims["pwh"], claims["secret"])
+        except (Failure, OSError) as e:
+            log("error", "could not save the two-factor secret of %s: %s" % (user.name, e))
+            return self.login_failed(request, False, 503, "The server could not save this; try again later", target)
+        if enrolled is None:
+            return self.login_failed(request, False, 401, "This sign-in has expired; please sign in again", target)
+        log("info", "two-factor sign-in enabled for %s at sign-in" % quoted(user.name))
+        return self.signed_in(request, False, enrolled, claims["auth_time"], target)
+
+    def save_totp(self, name, fingerprint, secret):
+        """Set (or, with SECRET None, remove) NAME's two-factor secret if their
+        line still has FINGERPRINT; the User as reloaded, or None."""
+        def change(entries, users):
+            user = users.get(name)
+            if user is None or not hmac.compare_digest(user.fingerprint, fingerprint):
+                return False
+            set_totp(entries, name, secret)
+            return True
+
+        if not edit_users_file(self.store.path, change):
+            return None
+        self.store.load()
+        return self.store.users.get(name)
+
+    def step_page(self, request, value, claims, user, target, status=200, message=""):
+        """The code page, or the enrolment page (QR code) of a sign-in step."""
+        site = host_name(request.site_host()) or "this site"
+        fields = dict(name=html.escape(user.name), site=html.escape(site), pending=html.escape(value),
+                      target=html.escape(target), error=error_paragraph(message),
+                      action=html.escape(self.settings.prefix + "/login/code"),
+                      restart=html.escape(self.settings.prefix + "/login?rd=" + urllib.parse.quote(target, safe="")))
+        if claims["step"] == "code":
+            return Reply(status, page=page(site, "Two-factor code", CODE_PAGE.format(**fields)))
+        body = ENROL_PAGE.format(intro=ENROL_REQUIRED, button="Turn on and sign in",
+                                 **self.enrolment_fields(request, user, claims["secret"]), **fields)
+        return Reply(status, page=page(site, "Set up two-factor sign-in", body))
+
+    def enrolment_fields(self, request, user, secret):
+        """The QR code (inline SVG) and the key in text, for an enrolment page."""
+        issuer = self.settings.totp_issuer or host_name(request.site_host()) or TOTP_ISSUER_DEFAULT
+        modules = qr_matrix(totp_uri(secret, user.name, issuer))
+        size = len(modules) + 2 * QR_QUIET_ZONE
+        svg = qr_svg(modules, "QR code to scan with an authenticator app", max(2, QR_PAGE_PIXELS // size))
+        return {"svg": svg, "secret": " ".join(secret[i:i + 4] for i in range(0, len(secret), 4))}
+
+    # -- two-factor sign-in: P/totp, for a signed-in user ----------------------
+
+    def handle_totp(self, request):
+        """P/totp: turn two-factor sign-in on or off. Needs a session whose
+        password was typed in the last 5 minutes; older ones sign in again."""
+        now = int(time.time())
+        user, claims = self.session(request, now)
+        here = self.settings.prefix + "/totp"
+        if user is None:
+            return Reply(303, headers=[("Location", self.settings.prefix + "/login?rd=" + urllib.parse.quote(here))])
+        if now - claims["auth_time"] >= FRESH_PASSWORD:
+            return self.login_page(request, here, name=user.name,
+                                   message="Please enter your password again to change two-factor sign-in")
+        if request.method in ("GET", "HEAD"):
+            return self.totp_page(request, user, now)
+        if self.cross_site(request):
+            log("warning", "cross-site two-factor change refused from %s" % request.client_ip())
+            return self.totp_page(request, user, now, 403, "Cross-site request refused")
+        fields = form_fields(request)
+        if fields is None:
+            return self.totp_page(request, user, now, 400, "The form data is malformed")
+        wait = self.count_code(request.client_ip(), user.name)
+        if wait:
+            reply = self.totp_page(request, user, now, 429, "Too many attempts; try again in %d seconds" % wait)
+            reply.headers.append(("Retry-After", str(wait)))
+            return reply
+        return self.change_totp(request, user, claims, fields, now)
+
+    def change_totp(self, request, user, claims, fields, now):
+        """A confirmed change: removal needs a current code; enrolment a code
+        of the new secret from the (signed) enrolment step on the page."""
+        secret, value = None, fields.get("pending")
+        step = None if user.totp else open_step(value, self.keys, now)
+        if not user.totp:
+            if not step or step["step"] != "add" or step["sub"] != user.name \
+                    or not hmac.compare_digest(step["pwh"], user.fingerprint):
+                return self.totp_page(request, user, now, 400, "This page has expired; here is a new code")
+            if not self.codes.try_code(step["jti"], step["exp"], now):
+                return self.totp_page(request, user, now, 401, "Too many codes; here is a new QR code")
+            secret = step["secret"]
+        if not self.check_code(user.name, secret or user.totp, fields.get("code", ""), now):
+            log("warning", "login failed from %s user=%s (wrong two-factor code)"
+                % (request.client_ip(), quoted(user.name)))
+            return self.totp_page(request, user, now, 401,
+                                  "That code is not right (or was used already); try the next one", value)
+        if step:
+            self.codes.spend(step["jti"])
+        return Later(self.store_totp_change, request, user, claims, secret)
+
+    def store_totp_change(self, request, user, claims, secret):
+        """Save the change; this browser gets a new session, every other
+        session of the user ends (the fingerprint changed)."""
+        try:
+            changed = self.save_totp(user.name, user.fingerprint, secret)
+        except (Failure, OSError) as e:
+            log("error", "could not save the two-factor change of %s: %s" % (user.name, e))
+            return self.totp_page(request, user, int(time.time()), 503, "The server could not save this; try later")
+        if changed is None:
+            return Reply(303, headers=[("Location", self.settings.prefix + "/totp")])
+        self.refund_attempt(request.client_ip(), user.name)
+        log("info", "two-factor sign-in %s for %s from %s; other sessions end"
+            % ("enabled" if secret else "removed", quoted(user.name), request.client_ip()))
+        cookie = self.session_cookie(changed, claims["auth_time"], int(time.time()))
+        return Reply(303, headers=[("Set-Cookie", cookie), ("Location", self.settings.prefix + "/")])
+
+    def totp_page(self, request, user, now, status=200, message="", value=None):
+        """P/totp's page: the enrolment (a new secret unless VALUE holds a
+        pending one) or, for a user with two-factor, the form to turn it off."""
+        site = host_name(request.site_host()) or "this site"
+        fields = dict(name=html.escape(user.name), site=html.escape(site), error=error_paragraph(message),
+                      action=html.escape(self.settings.prefix + "/totp"), target="",
+                      back=html.escape(self.settings.prefix + "/"))
+        if user.totp:
+            return Reply(status, page=page(site, "Two-factor sign-in", TOTP_ON_PAGE.format(**fields)))
+        claims = open_step(value, self.keys, now) if value else None
+        if not claims or claims["step"] != "add" or claims["sub"] != user.name:
+            claims = new_step(user, "add", now, now)
+            value = sign_token(claims, step_key(self.keys[0]))
+        body = ENROL_PAGE.format(intro=ENROL_OPTIONAL, button="Turn on two-factor sign-in", pending=html.escape(value),
+                                 **self.enrolment_fields(request, user, claims["secret"]), **fields)
+        return Reply(status, page=page(site, "Set up two-factor sign-in", body))
 
 
 # ---------------------------------------------------------------------------
@@ -2896,11 +3808,12 @@ def command_adduser(args, settings):
     if args.name in read_users_file(settings.users_file)[1]:  # before asking a password that would be thrown away
         raise Failure("user %s already exists (use 'passwd' to change the password)" % args.name)
     new_hash = hash_password(read_password(minimum=1 if args.allow_short else MIN_PASSWORD))
+    secret = enrol_in_terminal(args.name, args.issuer or settings.totp_issuer) if args.totp else None
 
     def add(entries, users):
         if args.name in users:
             raise Failure("user %s already exists (use 'passwd' to change the password)" % args.name)
-        entries.append(User(args.name, new_hash, groups))
+        entries.append(User(args.name, new_hash, groups, secret))
 
     edit_users_file(settings.users_file, add)
     print("added %s to %s" % (args.name, settings.users_file))
@@ -2936,7 +3849,52 @@ def command_deluser(args, settings):
 def command_users(args, settings):
     _, users = read_users_file(settings.users_file)
     for user in users.values():
-        print("%s\t%s" % (user.name, ",".join(user.groups)))
+        print("%s\t%s%s" % (user.name, ",".join(user.groups), "\ttwo-factor" if user.totp else ""))
+
+
+def read_code(prompt):
+    """One line from the terminal or from standard input (scripts, tests)."""
+    print(prompt, end="", flush=True)
+    line = sys.stdin.readline() if sys.stdin is not None else ""
+    if not line:
+        raise Failure("no code on standard input; two-factor sign-in was not changed")
+    return line.strip()
+
+
+def enrol_in_terminal(name, issuer=None):
+    """Show a new secret (QR code, URI, key) and return it once a current
+    code from the user's app confirms that they hold it."""
+    secret = new_totp_secret()
+    uri = totp_uri(secret, name, issuer or TOTP_ISSUER_DEFAULT)
+    print(qr_terminal(qr_matrix(uri)))
+    print("Scan the QR code with an authenticator app, or add this key by hand (time-based, 6 digits):")
+    print("  key: " + " ".join(secret[i:i + 4] for i in range(0, len(secret), 4)))
+    print("  URI: " + uri)
+    key = totp_key(secret)
+    for _ in range(3):
+        if totp_verify(key, read_code("Code shown by the app: "), time.time()) is not None:
+            return secret
+        print("That code does not match (is the phone's clock right?)", flush=True)
+    raise Failure("no matching code; two-factor sign-in was not changed")
+
+
+def command_totp(args, settings):
+    """Enrol NAME in two-factor sign-in (replacing any secret), or --remove it.
+    The user's sessions end either way: the line's fingerprint changes."""
+    _, users = read_users_file(settings.users_file)
+    require_user(users, args.name, settings.users_file)
+    if args.remove and not users[args.name].totp:
+        print("%s has no two-factor sign-in" % args.name)
+        return 0
+    secret = None if args.remove else enrol_in_terminal(args.name, args.issuer or settings.totp_issuer)
+
+    def change(entries, users):
+        require_user(users, args.name, settings.users_file)
+        set_totp(entries, args.name, secret)
+
+    edit_users_file(settings.users_file, change)
+    print("two-factor sign-in %s for %s; their other sessions end" % ("removed" if args.remove else "enabled", args.name))
+    return 0
 
 
 def htpasswd_user(line, where, comment_as_groups, notes):
@@ -3175,6 +4133,12 @@ def build_parser():
     add.add_argument("name")
     add.add_argument("--admin", action="store_true", help="put the user in the admin group")
     add.add_argument("--groups", metavar="G1,G2", help="comma-separated groups")
+    add.add_argument("--totp", action="store_true", help="enrol in two-factor sign-in (shows a QR code)")
+    add.add_argument("--issuer", help="the name authenticator apps show (AUTH_TOTP_ISSUER, default authd)")
+    totp = commands.add_parser("totp", parents=[common], help="enrol a user in two-factor sign-in (or --remove)")
+    totp.add_argument("name")
+    totp.add_argument("--remove", action="store_true", help="turn two-factor sign-in off")
+    totp.add_argument("--issuer", help="the name authenticator apps show (AUTH_TOTP_ISSUER, default authd)")
     passwd = commands.add_parser("passwd", parents=[common], help="set a user's password")
     passwd.add_argument("name")
     for command in (add, passwd):
@@ -3209,7 +4173,8 @@ def add_token_parser(commands, common):
 
 COMMANDS = {"serve": command_serve, "hash": command_hash, "adduser": command_adduser, "passwd": command_passwd,
             "deluser": command_deluser, "users": command_users, "check": command_check,
-            "import-htpasswd": command_import_htpasswd, "token": command_token}
+            "import-htpasswd": command_import_htpasswd, "token": command_token,
+            "totp": command_totp}
 
 
 def settings_from_args(args):

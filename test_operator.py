@@ -28,12 +28,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HERE, SECRET, Response, fast_hash, need, run_cli, write_users
+from conftest import HERE, SECRET, Authd, Response, fast_hash, need, run_cli, write_users
 # Helpers and fixtures of the end-to-end suite (nginx, Chromium); the fixtures must be
 # importable names here for pytest to find them.
 from test_e2e import (PASSWORDS, auth_cookie, browser, cert, free_port, is_login_page,  # noqa: F401
                       login_in_browser, main_config, new_context, nginx_path, site, substitute, tools)
-from test_ops import Daemon
 
 README = HERE / "README.md"
 FIXTURES = HERE.parent / "shared" / "fixtures"   # CI keeps a copy of shared/ beside the clone
@@ -226,15 +225,16 @@ class UpstreamSite:
             self.authd_port = free_port()
             (folder / ".env").write_text(substitute(UPSTREAM_ENV.read_text(), "AUTH_PORT=3000",
                                                     "AUTH_PORT=%d" % self.authd_port))
-            self.authd = Daemon(folder, users=None, args=(), secret=None)  # the .env alone decides
             try:
-                if self.authd.wait_tcp() == self.authd_port:
-                    return
-            except AssertionError:
-                if "Address already in use" not in self.authd.log():
+                self.authd = Authd(folder, users=None, args=(), secret=None)  # the .env alone decides
+            except AssertionError as e:
+                if "Address already in use" not in str(e):
                     raise
+                continue
+            if self.authd.port == self.authd_port:
+                return
             self.authd.stop()
-        raise RuntimeError("authd could not bind a free port:\n" + self.authd.log())
+        raise RuntimeError("authd could not bind a free port")
 
     def _start_nginx(self):
         block = substitute(UPSTREAM_NGINX.read_text(), "http://localhost:3000;",

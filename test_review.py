@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import AUTHD, HERE, SECRET, Authd, Response, fast_hash, need, run_cli, write_users
+from conftest import HERE, SECRET, Authd, Response, fast_hash, need, run_cli, write_users
 
 P = "/__auth"
 README = HERE / "README.md"
@@ -263,6 +263,15 @@ def secret_env(path):
     return {"AUTH_SECRET_FILE": str(path)}
 
 
+def serve_until_it_exits(folder, env, what):
+    """`authd.py serve` that must refuse to start: its completed run."""
+    try:
+        return run_cli("serve", "--users", folder / "users.txt", "--env", "/dev/null", "--port", "0",
+                       env=env, cwd=folder, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("serve started (or hung) " + what)
+
+
 @pytest.mark.parametrize("plant", ["symlink", "fifo"])
 def test_secret_file_must_be_a_regular_file(as_root, tmp_path, plant):
     """Fails on a2595e4: `check` and `serve` read the secret through a planted
@@ -282,17 +291,8 @@ def test_secret_file_must_be_a_regular_file(as_root, tmp_path, plant):
         pytest.fail("check hung on the planted %s" % plant)
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert ".authd_secret" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    d = Authd(tmp_path, secret=None, env=secret_env(secret_file), wait=False)
-    try:
-        try:
-            code = d.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            pytest.fail("serve started (or hung) with a planted %s as its secret file:\n%s" % (plant, d.log()))
-        assert code != 0
-        wait_until(lambda: ".authd_secret" in d.log(), what="a message naming the secret file")
-        assert "Traceback" not in d.log(), d.log()
-    finally:
-        d.stop()
+    r = serve_until_it_exits(tmp_path, secret_env(secret_file), "with a planted %s as its secret file" % plant)
+    assert r.returncode != 0 and ".authd_secret" in r.stderr and "Traceback" not in r.stderr, r.stderr
     if plant == "symlink":
         assert os.path.islink(secret_file)
 
@@ -305,15 +305,8 @@ def test_secret_file_dangling_symlink_creates_nothing(as_root, tmp_path):
     target.parent.mkdir()
     secret_file = tmp_path / ".authd_secret"
     os.symlink(target, secret_file)
-    d = Authd(tmp_path, secret=None, env=secret_env(secret_file), wait=False)
-    try:
-        try:
-            code = d.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            pytest.fail("serve started with a dangling link as its secret file:\n" + d.log())
-        assert code != 0 and "Traceback" not in d.log(), d.log()
-    finally:
-        d.stop()
+    r = serve_until_it_exits(tmp_path, secret_env(secret_file), "with a dangling link as its secret file")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert not os.path.lexists(target)
 
 
@@ -378,13 +371,13 @@ def slow_scrypt_hash():
 
 
 def short_hash_wait_python(tmp_path, seconds):
-    """An interpreter wrapper that runs authd.py's main() with a shorter wait
+    """A script that runs authd.py's main() with a shorter wait
     for a hash slot (time is the one thing the tests may bend)."""
     wrapper = tmp_path / "python-short-hash-wait"
     wrapper.write_text(
         "#!%s\nimport sys\nsys.path.insert(0, %r)\nimport authd\n"
         "assert hasattr(authd, 'HASH_WAIT'), 'authd.HASH_WAIT is gone: update test_review.py'\n"
-        "authd.HASH_WAIT = %r\nsys.exit(authd.main(sys.argv[2:]))\n" % (sys.executable, str(HERE), seconds))
+        "authd.HASH_WAIT = %r\nsys.exit(authd.main(sys.argv[1:]))\n" % (sys.executable, str(HERE), seconds))
     wrapper.chmod(0o755)
     return str(wrapper)
 
@@ -402,7 +395,7 @@ def test_reload_while_hash_slots_are_busy_keeps_serving(tmp_path):
     need(os.path.exists("/proc/self/status"), "/proc is needed to see the hashes hold their memory")
     users = ["alice:" + fast_hash("alice-pw"), "slow:" + slow_scrypt_hash()]
     d = Authd(tmp_path, users=users, env={"AUTH_LOGIN_RATE": "1000/60"},
-              python=short_hash_wait_python(tmp_path, 0.2))
+              script=short_hash_wait_python(tmp_path, 0.2))
     try:
         def slow_login():
             try:
@@ -640,17 +633,11 @@ def test_short_bypass_is_refused_at_start(tmp_path):
     write_users(tmp_path / "users.txt", ["carol:" + fast_hash("carol-pw")])
     short = "short-bypass-31-characters-long"
     assert len(short) == 31
-    d = Authd(tmp_path, env={"AUTH_BYPASS": short}, wait=False)
-    try:
-        try:
-            code = d.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            pytest.fail("authd started with a 31-character AUTH_BYPASS")
-        assert code != 0
-        wait_until(lambda: "AUTH_BYPASS" in d.log(), what="a message naming AUTH_BYPASS")
-        assert "32" in d.log() and short not in d.log() and "Traceback" not in d.log(), d.log()
-    finally:
-        d.stop()
+    r = serve_until_it_exits(tmp_path, {"AUTH_BYPASS": short, "AUTH_TOKEN_SECRET": SECRET},
+                             "with a 31-character AUTH_BYPASS")
+    log = r.stdout + r.stderr
+    assert r.returncode != 0 and "AUTH_BYPASS" in log and "32" in log, log
+    assert short not in log and "Traceback" not in log, log
     r = run_cli("check", "--users", tmp_path / "users.txt", env={"AUTH_BYPASS": short, "AUTH_TOKEN_SECRET": SECRET})
     assert r.returncode == 1 and "AUTH_BYPASS" in r.stderr and short not in r.stderr + r.stdout, r
 
