@@ -965,6 +965,39 @@ def test_sso_login_refuses_to_send_people_off_the_domain(sso):
         assert r.status == 303 and r.headers["location"] == expected, (rd, r)
 
 
+@pytest.fixture(scope="module")
+def nginx_site(nginx_tools, tmp_path_factory):
+    """nginx.example.conf as test_e2e runs it (its Site), for the 403 page."""
+    from test_e2e import Site, make_cert as e2e_cert
+    directory = tmp_path_factory.mktemp("nginx403")
+    s = Site(directory / "site", *e2e_cert(directory))
+    yield s
+    s.stop()
+
+
+def test_nginx_example_shows_the_forbidden_page(nginx_site, new_context):
+    """`error_page 403 = /__auth/forbidden` in nginx.example.conf: the page,
+    status 403, and "sign in as someone else" coming back to the page."""
+    for name, path in (("bob", "/admin/x"), ("carol", "/staff/"), ("alice", "/staff/")):
+        r = nginx_site.fetch("GET", path, token=nginx_site.login(name))
+        assert r.status == 403 and r.headers["content-type"].startswith("text/html"), (name, r)
+        assert_denied_page(r.body, name)
+    ctx = new_context()
+    page = ctx.new_page()
+    url = nginx_site.url + "/admin/x?y=1"
+    page.goto(url)
+    login_in_browser(page, "bob")
+    page.wait_for_url(url)
+    assert page.reload().status == 403
+    assert_denied_page(page.content(), "bob")
+    page.get_by_role("link", name=re.compile("sign in as someone else", re.I)).click()
+    page.wait_for_url(re.compile(re.escape(nginx_site.url + PREFIX + "/login") + r"\?"))
+    assert auth_cookie(ctx) is None
+    login_in_browser(page, "alice")
+    page.wait_for_url(url)
+    assert json.loads(page.locator("#echo").inner_text())["headers"]["x-auth-user"] == ["alice"]
+
+
 def test_sso_nginx_logged_no_errors(sso):
     errors = [line for line in sso.error_log.read_text(errors="replace").splitlines()
               if re.search(r"\[(error|crit|alert|emerg)\]", line)]
