@@ -1397,7 +1397,7 @@ LOGIN_PAGE = """<h1>Sign in</h1>
 <button type="submit">Sign in</button>
 </form>"""
 FORBIDDEN_PAGE = """<h1>Access denied</h1>
-<p class="site">{site}</p>
+<p class="site">{site} · error 403</p>
 <p>{who} This page needs another account, or a group that account is not in.</p>
 <a class="button" href="{switch}">{label}</a>
 <p class="back"><a href="{back}">Back</a></p>"""
@@ -1852,13 +1852,20 @@ class App:
         else:
             who, label = "You are not signed in.", "Sign in"
             switch = self.login_location(here, self.forwarded_origin(request))
-        back = self.checked_target(request, request.headers.get("referer", "/"))
-        if urllib.parse.urlsplit(back).path.startswith(self.settings.prefix + "/"):
-            back = "/"  # not back into the login pages
+        back = self.back_link(request, here)
         site = host_name(self.forwarded_host(request) or request.site_host()) or "this site"
         body = FORBIDDEN_PAGE.format(site=html.escape(site), who=who, switch=html.escape(switch),
                                      label=label, back=html.escape(back))
         return Reply(403, page=page(site, "Access denied", body))
+
+    def back_link(self, request, here):
+        """The page the user came from (Referer, when it may be a return
+        target), unless that is this page itself or a login page: then '/'."""
+        back = self.checked_target(request, request.headers.get("referer", "/"))
+        path = urllib.parse.urlsplit(back).path
+        if path.startswith(self.settings.prefix + "/") or path == urllib.parse.urlsplit(here).path:
+            return "/"
+        return back
 
     def busy(self, request, wants_json=None, target=None):
         """503 when too many password checks wait already: answered at once,

@@ -1333,6 +1333,18 @@ def test_forbidden_page(fsrv, ftoken):
     assert out.status == 303 and out.cookie() == ""
     base, rd = login_url_parts(out.headers["location"])
     assert base.endswith(PREFIX + "/login") and rd in ("/staff/x?y=1", "https://app.example.com/staff/x?y=1")
+    # "Back": where the user came from, if that may be a return target and is not this page
+    def back(referer):
+        r = fsrv.request("GET", PREFIX + "/forbidden", headers={
+            "Host": SITE, "Cookie": "authToken=" + ftoken, "X-Original-URI": "/staff/x?y=1", "Referer": referer})
+        m = re.search(r'<a href="([^"]*)">Back</a>', r.body.decode())
+        assert r.status == 403 and m, r.body
+        return html.unescape(m.group(1))
+    assert back("https://app.example.com/home?a=1") == "https://app.example.com/home?a=1"
+    assert back("https://wiki.example.com/w") == "https://wiki.example.com/w"
+    for referer in ("https://evil.com/", "https://app.example.com/staff/x?y=1", "javascript:alert(1)",
+                    "https://app.example.com" + PREFIX + "/login?rd=%2Fstaff%2Fx"):
+        assert back(referer) == "/", referer
     # nobody signed in: still 403 (nginx keeps the status), with a way to sign in; the
     # address it came from is only ever shown escaped
     r = fsrv.request("GET", PREFIX + "/forbidden", headers={"Host": SITE, "X-Original-URI": '/x?"><script>y'})
