@@ -603,7 +603,9 @@ def test_caddy_logged_no_errors(caddy_site):
     """Runs after the Caddy tests above: nothing made Caddy log an error
     (a 502 from a dead or confused upstream would) or authd hit a bug."""
     text = caddy_site.logs()
-    errors = [line for line in text.splitlines() if '"level":"error"' in line]
+    # "context canceled": the browser dropped a request it no longer wanted (a
+    # favicon or a page left mid-load when the test moved on), not a fault
+    errors = [line for line in text.splitlines() if '"level":"error"' in line and "context canceled" not in line]
     assert errors == [], "\n".join(errors)
     assert "internal error" not in caddy_site.authd.log() and "Traceback" not in caddy_site.authd.log()
 
