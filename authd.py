@@ -1601,7 +1601,11 @@ class App:
 
     def forward_unauthorized(self, request, reply):
         if not is_browser(request):
-            if not any(name.lower() == "www-authenticate" for name, _ in reply.headers):
+            # A Basic challenge for scripts; none for a browser's own fetch or
+            # image (Sec-Fetch-Mode: only browsers send it), which would
+            # otherwise pop up a password dialog.
+            if "sec-fetch-mode" not in request.headers and \
+                    not any(name.lower() == "www-authenticate" for name, _ in reply.headers):
                 reply.headers.append(("WWW-Authenticate", 'Basic realm="%s"' % (
                     host_name(self.forwarded_host(request) or request.site_host()) or "authd").replace('"', "")))
             if not reply.body:

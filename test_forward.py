@@ -1255,6 +1255,11 @@ def test_forward_answers(fsrv, ftoken):
     for headers in ({"Accept": "application/json"}, {"Accept": ""}, {"Authorization": "Bearer nope"}):
         r = forward(fsrv, headers=headers)
         assert r.status == 401 and "location" not in r.headers, (headers, r)
+        assert r.headers["www-authenticate"].startswith("Basic realm="), r
+    # a browser's own fetch or image: 401 too, but no Basic challenge (no password dialog)
+    for mode, accept in (("cors", "*/*"), ("no-cors", "image/avif,image/webp,*/*")):
+        r = forward(fsrv, headers={"Accept": accept, "Sec-Fetch-Mode": mode})
+        assert r.status == 401 and "www-authenticate" not in r.headers and "location" not in r.headers, r
     # the bypass: allowed, no identity
     r = forward(fsrv, headers={"X-Auth-Bypass": BYPASS})
     assert r.status == 200 and r.headers.get("x-auth-user", "") == ""
