@@ -357,6 +357,10 @@ SETTINGS = {
                                                "must be a domain name such as example.com", optional),
                                   "cookie_domain", True),
     "AUTH_COOKIE_SAMESITE": Setting("Lax", one_of("Strict", "Lax", "None"), "cookie_samesite", True),
+    "AUTH_LOGIN_URL": Setting("", matching(r"(https?://%s(\.%s)*(:\d{1,5})?(/[!$-~]*)?)?" % (LABEL, LABEL),
+                                           "must be an absolute http(s) URL without user name or #fragment, "
+                                           "such as https://auth.example.com/__auth/login", optional),
+                              "login_url", True),
     "AUTH_PREFIX": Setting("/__auth", matching(r"(/[A-Za-z0-9._~-]+)*", "must be a path such as /__auth (no "
                                                "trailing slash), or empty for the root"), "prefix", False),
     "AUTH_PASSWORD": Setting("", optional, "password", True),
@@ -1736,7 +1740,7 @@ MAX_HEADERS = 100
 MAX_BODY = 8192
 TCHAR_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token characters: methods, field names
 SPACE_OR_CONTROL_RE = re.compile(r"[\x00-\x20\x7f]")
-REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+REASONS = {200: "OK", 302: "Found", 303: "See Other", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
            413: "Content Too Large", 414: "URI Too Long", 415: "Unsupported Media Type",
            429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
@@ -1973,6 +1977,74 @@ def safe_target(target):
         return "/"
     # Non-ASCII goes out percent-encoded, so a Location header stays ASCII.
     return urllib.parse.quote(target, safe="/?#[]@!$&'()*+,;=%:~-._\\")
+
+
+TARGET_SAFE = "/?#[]@!$&'()*+,;=%:~-._\\"  # left as they are in a return target; the rest is %-encoded
+ABSOLUTE_URL_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#\\@\s]*)(.*)", re.S)
+HOST_NAME_RE = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
+
+
+@functools.lru_cache(maxsize=1024)
+def canonical_host(host):
+    """A host name as a browser looks it up: IDNA-encoded and lower case
+    ('B\u00fccher.Example.com' -> 'xn--bcher-kva.example.com'); None for anything
+    that is not a plain DNS name (no trailing dot, no empty label, no '%')."""
+    if not host or len(host) > 253:
+        return None
+    try:
+        name = host.encode("idna").decode("ascii").lower()
+    except (UnicodeError, ValueError):
+        return None
+    return name if len(name) <= 253 and HOST_NAME_RE.fullmatch(name) else None
+
+
+def canonical_authority(text):
+    """'Example.COM:8443' -> 'example.com:8443'; None unless a host name with
+    an optional port from 1 to 65535."""
+    host, sep, port = text.partition(":")
+    if sep and not (port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536):
+        return None
+    name = canonical_host(host)
+    if name is None:
+        return None
+    return name + (":%d" % int(port) if sep else "")
+
+
+def host_within(host, domain):
+    """HOST (canonical) is DOMAIN or a name under it, compared label by label."""
+    parent = canonical_host(domain.lstrip(".")) if domain else None
+    if not parent:
+        return False
+    labels = parent.split(".")
+    return host.split(".")[-len(labels):] == labels
+
+
+def absolute_target(target, own_host, domain, allow_http):
+    """TARGET, an absolute URL, normalised for a Location header, when it is
+    https (or http when ALLOW_HTTP) and its host is OWN_HOST or lies within
+    DOMAIN; else None. No user name, no backslash or space before the path."""
+    match = ABSOLUTE_URL_RE.fullmatch(target) if len(target) <= 2048 else None
+    if not match or match.group(3)[:1] not in ("", "/", "?", "#"):
+        return None
+    scheme, rest = match.group(1).lower(), match.group(3)
+    if scheme != "https" and not (scheme == "http" and allow_http):
+        return None
+    if any(ord(c) < 32 or ord(c) == 127 for c in rest):
+        return None
+    authority = canonical_authority(match.group(2))
+    if authority is None:
+        return None
+    host = authority.split(":", 1)[0]
+    if host != canonical_host(own_host) and not host_within(host, domain):
+        return None
+    rest = rest if rest.startswith("/") else "/" + rest
+    return "%s://%s%s" % (scheme, authority, urllib.parse.quote(rest, safe=TARGET_SAFE))
+
+
+def is_browser(request):
+    """A browser navigating, not a script or API client: no Authorization,
+    and it asks for HTML."""
+    return "authorization" not in request.headers and "text/html" in request.headers.get("accept", "")
 
 
 class UnsupportedMediaType(ValueError):
@@ -2446,12 +2518,14 @@ background:var(--accent);color:var(--accent-text);cursor:pointer}
 .notice{background:var(--bg);color:var(--text)}
 a{color:var(--accent)}.back{margin:20px 0 0;text-align:center}
 dl{margin:0}dt{color:var(--muted);margin-top:12px}dd{margin:0;font-weight:600;word-break:break-all}
-a{color:var(--accent)}
+a{color:var(--accent)}a:focus{outline:3px solid var(--accent);outline-offset:2px}.back{margin:16px 0 0;text-align:center}
 .note{margin:16px 0 0;color:var(--muted)}
 .qr{display:flex;justify-content:center;margin:16px 0 4px}
 .qr svg{max-width:100%;height:auto;border-radius:4px}
 .secret{margin:4px 0 8px;text-align:center;font:600 1.05rem/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;
 word-spacing:.3em;word-break:break-word}
+a.button{display:block;margin-top:24px;padding:11px;border-radius:8px;background:var(--accent);color:var(--accent-text);
+font-weight:600;text-align:center;text-decoration:none}
 """
 STYLE_HASH = base64.b64encode(hashlib.sha256(STYLE.encode("utf-8")).digest()).decode("ascii")
 PAGE_HEADERS = [
@@ -2482,6 +2556,11 @@ LOGIN_PAGE = """<h1>Sign in</h1>
 <input id="password" name="password" type="password" autocomplete="current-password" required{focus_password}>
 <button type="submit">Sign in</button>
 </form>"""
+FORBIDDEN_PAGE = """<h1>Access denied</h1>
+<p class="site">{site} · error 403</p>
+<p>{who} This page needs another account, or a group that account is not in.</p>
+<a class="button" href="{switch}">{label}</a>
+<p class="back"><a href="{back}">Back</a></p>"""
 WHOAMI_PAGE = """<h1>Signed in</h1>
 <dl><dt>User</dt><dd>{name}</dd><dt>Role</dt><dd>{role}</dd><dt>Groups</dt><dd>{groups}</dd>
 <dt>Two-factor sign-in</dt><dd>{two_factor} &middot; <a href="{totp}">{manage}</a></dd></dl>
@@ -2627,6 +2706,8 @@ class App:
             p + "/metrics": ("GET, HEAD", self.handle_metrics),
             p + "/login/code": ("GET, HEAD, POST", self.handle_second_step),
             p + "/totp": ("GET, HEAD, POST", self.handle_totp),
+            p + "/forward": ("*", self.handle_forward),
+            p + "/forbidden": ("*", self.handle_forbidden),
         }
         if p:
             routes[p] = ("GET, HEAD", self.handle_whoami)
@@ -2813,6 +2894,97 @@ class App:
             return False
         return user.name in names or not groups.isdisjoint(user.groups)
 
+    # -- P/forward (any method): Caddy's forward_auth, Traefik's ForwardAuth ----
+
+    def handle_forward(self, request):
+        """P/auth's answer, made fit for proxies that hand any non-2xx to the
+        client as it is: 403 gets the access-denied page, and a browser that
+        is not signed in a 302 to the login page instead of a bare 401."""
+        answer = self.handle_auth(request)
+        if isinstance(answer, Later):
+            return Later(self.forward_answer, request, answer)
+        return self.forward_answer(request, answer)
+
+    def forward_answer(self, request, reply):
+        if isinstance(reply, Later):
+            reply = reply.run()
+        if reply.status == 401:
+            return self.forward_unauthorized(request, reply)
+        if reply.status == 403:
+            forbidden = self.forbidden_page(request)
+            forbidden.headers.extend(reply.headers)
+            return forbidden
+        if reply.user is None and 200 <= reply.status < 300:
+            # Allowed without a user (the bypass): say so, because Caddy 2.6's
+            # copy_headers would otherwise hand the app its placeholder text.
+            reply.headers.extend([("X-Auth-User", ""), ("X-Auth-Groups", ""), ("X-Auth-Admin", "false")])
+        return reply
+
+    def forward_unauthorized(self, request, reply):
+        if not is_browser(request):
+            # A Basic challenge for scripts; none for a browser's own fetch or
+            # image (Sec-Fetch-Mode: only browsers send it), which would
+            # otherwise pop up a password dialog.
+            if "sec-fetch-mode" not in request.headers and \
+                    not any(name.lower() == "www-authenticate" for name, _ in reply.headers):
+                reply.headers.append(("WWW-Authenticate", 'Basic realm="%s"' % (
+                    host_name(self.forwarded_host(request) or request.site_host()) or "authd").replace('"', "")))
+            if not reply.body:
+                reply.body, reply.content_type = b'{"status": "fail", "message": "Authentication required"}', \
+                    "application/json"
+            return reply
+        keep = [h for h in reply.headers if h[0].lower() == "set-cookie"]  # clears a bad cookie
+        location = self.login_location(self.original_url(request), self.forwarded_origin(request))
+        return Reply(302, headers=keep + [("Location", location)])
+
+    def forwarded_host(self, request):
+        """The proxy's X-Forwarded-Host, canonical, when the peer is a proxy on
+        this host (loopback or unix socket); else None."""
+        if not is_loopback(request.peer):
+            return None
+        claimed = request.headers.get("x-forwarded-host", "").split(",", 1)[0].strip()
+        return canonical_authority(claimed) if claimed else None
+
+    def forwarded_origin(self, request):
+        """'https://app.example.com' from a trusted proxy's X-Forwarded-Proto
+        and -Host; '' when there is none (links then stay relative)."""
+        host = self.forwarded_host(request)
+        proto = request.headers.get("x-forwarded-proto", "").split(",", 1)[0].strip().lower()
+        if host is None:
+            return ""
+        if proto not in ("http", "https"):
+            proto = "https" if self.settings.cookie_secure else "http"
+        return "%s://%s" % (proto, host)
+
+    def original_url(self, request):
+        """The URL the proxy was asked for (X-Forwarded-Uri, or nginx's
+        X-Original-URI), absolute when the proxy names its host. Headers from
+        a peer that is not loopback are the client's own words: then '/'."""
+        if not is_loopback(request.peer):
+            return "/"
+        uri = request.headers.get("x-forwarded-uri") or request.headers.get("x-original-uri") or "/"
+        origin = self.forwarded_origin(request)
+        if not origin or not uri.startswith("/"):
+            return safe_target(uri)
+        return origin + urllib.parse.quote(uri.encode("latin-1", "replace"), safe=TARGET_SAFE)
+
+    def login_location(self, target, origin=""):
+        """The login page (AUTH_LOGIN_URL, else this site's), bringing the
+        browser back to TARGET afterwards."""
+        base = self.settings.login_url or origin + self.settings.prefix + "/login"
+        if target == "/":
+            return base
+        return base + ("&" if "?" in base else "?") + "rd=" + urllib.parse.quote(target, safe="")
+
+    def checked_target(self, request, target):
+        """TARGET if it is a path on this site, or an absolute URL of this site
+        or of a host within AUTH_COOKIE_DOMAIN; else '/'."""
+        if isinstance(target, str) and target and not target.startswith("/"):
+            s = self.settings
+            return absolute_target(target, host_name(request.site_host()), s.cookie_domain,
+                                   not s.cookie_secure) or "/"
+        return safe_target(target)
+
     # -- login and logout ---------------------------------------------------
 
     def handle_login(self, request):
@@ -2838,7 +3010,7 @@ class App:
             status = 415 if isinstance(e, UnsupportedMediaType) else 400
             return self.login_failed(request, wants_json, status, str(e), target)
         if form_target is not None:
-            target = safe_target(form_target)
+            target = self.checked_target(request, form_target)
         if not name and wants_json and self.store.in_password_mode():
             name = PASSWORD_USER  # the upstream page sends the password alone
         if not name or not password:  # no hash to run: refused at once
@@ -2970,7 +3142,8 @@ class App:
             origin_host = urllib.parse.urlsplit(origin).hostname
         except ValueError:
             return True
-        return not origin_host or origin_host != host_name(site)
+        return not origin_host or (origin_host != host_name(site) and not (
+            canonical_host(origin_host) and host_within(canonical_host(origin_host), self.settings.cookie_domain)))
 
     def cookie_will_be_dropped(self, request):
         """True (and logged) when a Secure cookie goes out over plain http to
@@ -2989,21 +3162,31 @@ class App:
         cookie = ("Set-Cookie", self.clearing_cookie())
         if request.wants_json():
             return Reply(200, headers=[cookie], data={"status": "ok"})
+        target = self.return_target(request)
+        if target != "/" or self.settings.login_url:  # "sign in as someone else", or a central login page
+            return Reply(303, headers=[cookie, ("Location", self.login_location(target))])
         # the login page says "You are signed out" (the cookie alone cannot:
         # it is gone by then)
         return Reply(303, headers=[cookie, ("Location", self.base(request) + "/login?" + SIGNED_OUT)])
 
     def return_target(self, request):
-        """Where to go after login: ?rd=, else nginx's X-Original-URI, else /."""
+        """Where to go after login: ?rd=, else nginx's X-Original-URI, else /.
+        nginx's central-login redirect (`?rd=$scheme://$http_host$request_uri`)
+        cannot %-encode the URL: an rd= that starts the query and holds "://"
+        is that URL as it stands, its own & and = included."""
+        query = request.query
         try:
-            rd = dict(urllib.parse.parse_qsl(request.query, max_num_fields=20)).get("rd") if request.query else None
+            if query.startswith("rd=") and "://" in query:
+                rd = query[3:]
+            else:
+                rd = dict(urllib.parse.parse_qsl(query, max_num_fields=20)).get("rd") if query else None
         except ValueError:
             rd = None
         if rd is None:
             rd = request.headers.get("x-original-uri")
             if rd is not None and self.is_own_page(rd):
                 rd = None  # the login page itself; nothing to return to
-        return safe_target(rd or "/")
+        return self.checked_target(request, rd or "/")
 
     def is_own_page(self, uri):
         """URI is one of authd's pages (a direct visit to the login page)."""
@@ -3023,7 +3206,15 @@ class App:
             site=html.escape(site), action=html.escape(self.base(request) + "/login"),
             target=html.escape(target), error=error, name=html.escape(name),
             focus_name="" if name else " autofocus", focus_password=" autofocus" if name else "")
-        return Reply(status, page=page(site, "Sign in", body))
+        reply = Reply(status, page=page(site, "Sign in", body))
+        if not target.startswith("/"):
+            # Chromium holds the login's redirect to the form-action sources
+            # too: name the (checked) origin the login sends the browser to.
+            origin = "%s://%s" % urllib.parse.urlsplit(target)[:2]
+            reply.page_headers = False
+            reply.headers.extend((name, value.replace("form-action 'self'", "form-action 'self' " + origin))
+                                 for name, value in PAGE_HEADERS)
+        return reply
 
     def dropped_cookie_page(self, request, target, cookie):
         """The password was right, but the browser will not keep the cookie:
@@ -3043,6 +3234,39 @@ class App:
                                   two_factor="on" if user.totp else "off", totp=html.escape(self.base(request) + "/totp"),
                                   manage="turn off" if user.totp else "set up")
         return Reply(200, page=page(host_name(request.site_host()) or "this site", "Signed in", body))
+
+    def handle_forbidden(self, request):
+        """P/forbidden, for nginx's `error_page 403`: the access-denied page."""
+        return self.forbidden_page(request)
+
+    def forbidden_page(self, request):
+        """403 in the house style: who is signed in, "sign in as someone else"
+        (sign out, then log in and come back here), and "back"."""
+        user, _ = self.session(request, int(time.time()))
+        here = self.original_url(request)
+        if user is not None:
+            login = self.settings.login_url
+            logout = (urllib.parse.urlsplit(login)._replace(path="", query="").geturl() if login else "") \
+                + self.settings.prefix + "/logout"
+            who, label = "Signed in as <strong>%s</strong>." % html.escape(user.name), "Sign in as someone else"
+            switch = logout + ("" if here == "/" else "?rd=" + urllib.parse.quote(here, safe=""))
+        else:
+            who, label = "You are not signed in.", "Sign in"
+            switch = self.login_location(here, self.forwarded_origin(request))
+        back = self.back_link(request, here)
+        site = host_name(self.forwarded_host(request) or request.site_host()) or "this site"
+        body = FORBIDDEN_PAGE.format(site=html.escape(site), who=who, switch=html.escape(switch),
+                                     label=label, back=html.escape(back))
+        return Reply(403, page=page(site, "Access denied", body))
+
+    def back_link(self, request, here):
+        """The page the user came from (Referer, when it may be a return
+        target), unless that is this page itself or a login page: then '/'."""
+        back = self.checked_target(request, request.headers.get("referer", "/"))
+        path = urllib.parse.urlsplit(back).path
+        if path.startswith(self.settings.prefix + "/") or path == urllib.parse.urlsplit(here).path:
+            return "/"
+        return back
 
     def busy(self, request, wants_json=None, target=None):
         """503 when too many password checks wait already: answered at once,
@@ -3127,7 +3351,7 @@ class App:
         fields = form_fields(request)
         if fields is None:
             return self.login_failed(request, False, 400, "The form data is malformed", target)
-        target, now = safe_target(fields.get("rd") or "/"), int(time.time())
+        target, now = self.checked_target(request, fields.get("rd") or "/"), int(time.time())
         claims = open_step(fields.get("pending"), self.keys, now)
         user = self.store.users.get(claims["sub"]) if claims and claims["step"] != "add" else None
         if user is None or not hmac.compare_digest(user.fingerprint, claims["pwh"]) \
