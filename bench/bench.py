@@ -85,8 +85,11 @@ class NotAvailable(Exception):
     """A row that cannot run here: printed as n/a with the reason."""
 
 
+T0 = time.monotonic()
+
+
 def log(*args):
-    print("bench:", *args, file=sys.stderr, flush=True)
+    print("bench: %5.1f s:" % (time.monotonic() - T0), *args, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------- tools
@@ -521,7 +524,7 @@ def enable_microcache(text):
 
 class Nginx:
     def __init__(self, nginx_bin, workdir, name, servers, port):
-        self.dir = workdir / name
+        self.dir = workdir / ("nginx-" + name)
         self.dir.mkdir()
         os.chmod(self.dir, 0o755)
         self.conf = self.dir / "nginx.conf"
@@ -755,9 +758,9 @@ def verify_microcache(port, authd, cookie):
 
 SECTIONS = [
     ("nginx", "through nginx (auth_request, keep-alive upstream per nginx.example.conf); "
-              "% of the nginx static row and of the ceiling row"),
+              "%% of the nginx static row and of the ceiling row"),
     ("direct", "the auth server directly (wrk to P/auth with what nginx's subrequest sends)"),
-    ("caddy", "Caddy (GOMAXPROCS=%(caddy_procs)d); % of the Caddy static row"),
+    ("caddy", "Caddy (GOMAXPROCS=%(caddy_procs)d); %% of the Caddy static row"),
     ("paced", "paced, open loop (%(rate)d req/s on %(threads)d keep-alive connections, latency from "
               "the scheduled send time; wrk2-style)"),
     ("logins", "logins with the default-cost scrypt hash (ln=17, 128 MiB)"),
@@ -775,11 +778,12 @@ class Row:
         self.run = None         # run(conns) -> one result
         self.warm = None        # once before the first repetition
         self.runs = {}          # conns -> [result, ...]
+        self.max_reps = None    # fewer repetitions than the others (--tiny: the login rows)
         self.extra = {}
 
     def result(self, res, conns):
         self.runs.setdefault(conns, []).append(res)
-        log("%-52s c=%-3s %9.0f req/s  p50 %.3f ms  p99 %.3f ms  errors %d %s"
+        log("%-54s c=%-3s %9.0f req/s  p50 %.3f ms  p99 %.3f ms  errors %d %s"
             % (self.label, conns, res["rps"], res["p50_ms"], res["p99_ms"], res["errors"],
                res["error_detail"] or ""))
 
@@ -891,7 +895,7 @@ class Bench:
         cap = a.idle + 1024
         self.authd = start_authd(a.authd_cmd, after, self.base_env, "authd", cap)
         self.before_na = None
-        if self.wanted("before"):
+        if self.wanted("before", "idle"):
             try:
                 cmd, folder = fetch_before(a, self.work)
                 for name in ("users.txt", "bench.env"):
@@ -928,7 +932,7 @@ class Bench:
         """[(kind, label, header)] of the issue 13 rows, or their n/a reasons."""
         out = []
         if self.wanted("basic"):
-            out.append(("basic", "Basic pair (default-cost user, cached)", self.basic_header(SLOW_USER, self.slow_pw)))
+            out.append(("basic", "Basic (default-cost user, cached)", self.basic_header(SLOW_USER, self.slow_pw)))
         if self.wanted("token"):
             out.append(("token", "Bearer app token", "Authorization: Bearer %s" % self.token if self.token else None))
         return out
@@ -1099,7 +1103,7 @@ class Bench:
                        lambda: [self.cookie(authd)], authd, ng)
             self.paced("paced-direct", "%d/s, authd %s/auth" % (a.rate, p), ("paced", "direct"), authd.port,
                        p + "/auth", lambda: [self.cookie(authd)] + self.direct_headers, authd, None)
-        label = "%d/s %s/auth during %d logins, %%s" % (a.rate, p, a.login_connections)
+        label = "%d/s, %%s, %d logins running" % (a.rate, a.login_connections)
         if self.wanted("flood"):
             self.flood("flood", label % "authd", ("flood",), authd)
         if self.before:
@@ -1126,11 +1130,13 @@ class Bench:
         if row is None:
             return
         args = self.args
+        row.max_reps = 1 if args.tiny else None
 
         def run(c):
             headers = [self.cookie(a)] + self.direct_headers
+            # stopped with SIGINT (wrk then reports) once the paced run is over
             cmd = wrk_command(args, self.url(a.port, self.prefix + "/login"), args.login_connections,
-                              args.duration + 2, lua_extra=login_lua(self.slow_pw), timeout_s=30)
+                              args.duration + 30, lua_extra=login_lua(self.slow_pw), timeout_s=30)
             cpu0 = a.cpu()
             flood = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             try:
@@ -1139,7 +1145,8 @@ class Bench:
                     time.sleep(0.02)  # the logins are hashing
                 with Measure(a, None) as m:
                     res = run_paced(a.port, self.prefix + "/auth", headers, args.rate, args.duration, threads=c)
-                out, _ = flood.communicate(timeout=args.duration + 90)
+                flood.send_signal(signal.SIGINT)
+                out, _ = flood.communicate(timeout=60)
             finally:
                 if flood.poll() is None:
                     flood.kill()
@@ -1158,10 +1165,11 @@ class Bench:
                        [a.login_connections])
         if row is None:
             return
+        row.max_reps = 1 if a.tiny else None
 
         def run(c):
             with Measure(authd, None) as m:
-                res = run_wrk(a, self.url(authd.port, self.prefix + "/login"), c, max(a.duration, 3),
+                res = run_wrk(a, self.url(authd.port, self.prefix + "/login"), c, max(a.duration, 2 if a.tiny else 3),
                               lua_extra=login_lua(self.slow_pw), timeout_s=30)
             res = m.annotate(res)
             wait_quiet(authd)  # let the logins still queued finish before the next row
@@ -1174,7 +1182,7 @@ class Bench:
         for rep in range(self.args.reps):
             log("repetition %d of %d" % (rep + 1, self.args.reps))
             for row in self.rows:
-                if row.na or row.run is None:
+                if row.na or row.run is None or (row.max_reps is not None and rep >= row.max_reps):
                     continue
                 if rep == 0 and row.warm:
                     row.warm()
@@ -1348,7 +1356,8 @@ def aggregate(bench):
     for r in out:
         base = {"nginx": "static", "caddy": "caddy-static"}.get(r["section"])
         r["pct_static"] = pct(r, by.get((base, r["conns"])))
-        r["pct_ceiling"] = pct(r, by.get(("ceiling", r["conns"]))) if r["section"] == "nginx" else None
+        behind_auth_request = r["section"] == "nginx" and r["id"] != "static" and not r["id"].startswith("auth_basic")
+        r["pct_ceiling"] = pct(r, by.get(("ceiling", r["conns"]))) if behind_auth_request else None
     return out
 
 
@@ -1377,7 +1386,7 @@ def machine_info():
             "python": platform.python_version(), "loadavg": os.getloadavg()}
 
 
-COLS = "%-52s %5s %8s %4s %6s %5s %7s %8s %4s %8s %7s %7s %7s %6s %5s\n"
+COLS = "%-54s %5s %8s %4s %6s %5s %7s %8s %4s %8s %7s %7s %7s %6s %5s\n"
 
 
 def report(args, bench, records, out=sys.stdout):
@@ -1407,15 +1416,16 @@ def report(args, bench, records, out=sys.stdout):
 
 def header_lines(args, bench):
     mi = machine_info()
-    caddy = tool_version([args.caddy_bin, "version"]).split(" ")[0] if getattr(args, "caddy_bin", None) else "no caddy"
+    caddy = ("Caddy %s (GOMAXPROCS=%d)" % (tool_version([args.caddy_bin, "version"]).split(" ")[0], args.caddy_procs)
+             if getattr(args, "caddy_bin", None) else "Caddy not used")
     return [
         "authd benchmark, %s: %s, %d cores; Linux %s; load average at start %.2f (the machine is shared: "
         "compare ratios within this run)" % (time.strftime("%Y-%m-%d %H:%M"), mi["cpu"], mi["nproc"], mi["kernel"],
                                               args.loadavg[0]),
-        "authd on %s %s; %s (worker_processes 1, access_log off); Caddy %s (GOMAXPROCS=%d); %s -t1; paced client: "
+        "authd on %s %s; %s (worker_processes 1, access_log off); %s; %s -t1; paced client: "
         "bench/clients.py" % (Path(args.python).name, args.python_version,
                               tool_version([args.nginx_bin, "-v"]).replace("nginx version: ", ""), caddy,
-                              args.caddy_procs, tool_version([args.wrk, "--version"]).split(" [")[0]),
+                              tool_version([args.wrk, "--version"]).split(" [")[0]),
         "%g s per run, %d repetitions per row (interleaved), figures are medians, ±%% = largest distance of a "
         "repetition from the median" % (args.duration, args.reps),
         "authd = %s; authd before = authd.py of %s (git show)" % (args.authd, args.before_rev),
@@ -1424,7 +1434,7 @@ def header_lines(args, bench):
 
 def table_line(r):
     if r["na"]:
-        return "%-52s %5d  n/a (%s)\n" % (r["label"], r["conns"], r["na"])
+        return "%-54s %5d  n/a (%s)\n" % (r["label"], r["conns"], r["na"])
     rps = r["rps"]
     rss = None if r.get("auth_rss_kib") is None else r["auth_rss_kib"] / 1024
     return COLS % (
@@ -1514,8 +1524,8 @@ def parse_args(argv):
     p.add_argument("--duration", type=int, default=5, help="seconds per measured run (default 5)")
     p.add_argument("--reps", type=int, default=None, help="repetitions per row, interleaved (default 3; 2 with --tiny)")
     p.add_argument("--warmup", type=int, default=None, help="seconds of warm-up before a row (default 1; 0 with --tiny)")
-    p.add_argument("--tiny", action="store_true", help="1 s runs, c16 only, 2 repetitions, 300 idle connections "
-                   "(used by test_bench.py)")
+    p.add_argument("--tiny", action="store_true", help="1 s runs, c16 only, 2 repetitions (the login rows 1), "
+                   "300 idle connections (used by test_bench.py)")
     p.add_argument("--connections", default=None, help="comma list of wrk connection counts (default 16,64)")
     p.add_argument("--rate", type=int, default=500, help="paced runs: requests per second (default 500)")
     p.add_argument("--login-connections", type=int, default=4, help="clients posting logins back to back (default 4)")
