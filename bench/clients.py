@@ -240,3 +240,52 @@ def timed_request(port, raw, timeout):
         return time.perf_counter() - t0, status
     except (OSError, ValueError, IndexError) as e:
         return None, "no answer within %.0f s (%s)" % (timeout, e.__class__.__name__)
+
+
+def run_closed(port, raw, connections, duration, timeout=60):
+    """Closed loop: each of `connections` clients sends the next request as soon as the
+    last one is answered, until `duration` is over; a request in flight then is awaited,
+    so every client completes at least one and slow requests (logins) still count."""
+    t_start = time.perf_counter()
+    t_end = t_start + duration
+    lat, errors, lock = [], [0], threading.Lock()
+
+    def client():
+        mine, failed, sock, buf = [], 0, None, b""
+        while time.perf_counter() < t_end or not (mine or failed):
+            t0 = time.perf_counter()
+            try:
+                if sock is None:
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+                    buf = b""
+                sock.sendall(raw)
+                status, keep, buf = read_response(sock, buf)
+                if 200 <= status < 400:
+                    mine.append(time.perf_counter() - t0)
+                else:
+                    failed += 1
+                if not keep:
+                    sock.close()
+                    sock = None
+            except (OSError, ValueError, IndexError):
+                failed += 1
+                if sock is not None:
+                    sock.close()
+                sock = None
+        if sock is not None:
+            sock.close()
+        with lock:
+            lat.extend(mine)
+            errors[0] += failed
+
+    ts = [threading.Thread(target=client, daemon=True) for _ in range(connections)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(duration + timeout + 10)
+    elapsed = max(time.perf_counter() - t_start, 1e-9)
+    lat.sort()
+    return {"requests": len(lat), "duration": elapsed, "rps": len(lat) / elapsed,
+            "p50_ms": percentile(lat, 50) * 1000, "p99_ms": percentile(lat, 99) * 1000,
+            "max_ms": (lat[-1] * 1000) if lat else 0.0,
+            "errors": errors[0], "error_detail": {"status_or_io": errors[0]} if errors[0] else {}}
