@@ -326,8 +326,9 @@ def test_key_rotation_first_signs_all_verify(tmp_path, authd, sep):
 
 
 def test_bypass_header_equal_to_the_setting_is_let_through_without_identity(tmp_path, authd):
-    d = authd(users=["alice:" + fast_hash("pw")], env={"AUTH_BYPASS": "let-me-in-0123-at-least-32-characters"})
-    r = d.request("GET", P + "/auth", headers={"X-Auth-Bypass": "let-me-in-0123-at-least-32-characters"})
+    bypass = "let-me-in-0123-at-least-32-characters"
+    d = authd(users=["alice:" + fast_hash("pw")], env={"AUTH_BYPASS": bypass})
+    r = d.request("GET", P + "/auth", headers={"X-Auth-Bypass": bypass})
     assert r.status == 200 and r.body == b""
     assert "x-auth-user" not in r.headers
     assert d.request("GET", P + "/admin", headers={"X-Auth-Bypass": bypass}).status == 200
