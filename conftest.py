@@ -246,9 +246,10 @@ class Raw:
         self.buf += chunk
         return True
 
-    def response(self):
+    def response(self, head_only=False):
         """The next response, or None when the server closed the connection
-        before sending one. Every header line must be a well-formed field."""
+        before sending one. Every header line must be a well-formed field.
+        HEAD_ONLY: the answer to a HEAD request, which has no body."""
         while b"\r\n\r\n" not in self.buf:
             if not self._fill():
                 assert not self.buf, "connection closed inside a response: %r" % self.buf[:300]
@@ -266,7 +267,7 @@ class Raw:
             headers.append((name, value.strip()))
         r = Response(int(m.group(1)), headers, b"")
         r.head = head
-        n = int(r.headers.get("content-length", "0"))
+        n = 0 if head_only else int(r.headers.get("content-length", "0"))
         while len(self.buf) < n:
             assert self._fill(), "truncated body"
         r.body, self.buf = self.buf[:n], self.buf[n:]

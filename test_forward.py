@@ -1166,7 +1166,7 @@ CRLF = ["%0d%0aSet-Cookie:%20evil=1", "%0aX-Injected:%201", "\u2028X-Injected: 1
 
 @pytest.mark.parametrize("bad", CRLF)
 def test_forward_redirect_never_carries_a_header_injection(fsrv, bad):
-    from test_hostile import Raw
+    from conftest import Raw
     for name, value in (("X-Forwarded-Uri", "/p" + bad), ("X-Forwarded-Host", SITE + bad),
                         ("X-Forwarded-Proto", "https" + bad)):
         head = ("GET %s/forward HTTP/1.1\r\nHost: %s\r\nAccept: text/html\r\nX-Forwarded-Host: %s\r\n"
@@ -1203,7 +1203,7 @@ def test_forward_redirect_never_carries_a_header_injection(fsrv, bad):
                                                    "authToken=x.y.z", "[::1]", "Basic Ym9iOmJvYi1wdy0y"])),
        who=st.sampled_from([None, "valid", "aged", "bad"]))
 def test_fuzz_forward_answers_only_2xx_302_401_403(fsrv, ftoken, method, query, headers, who):
-    from test_hostile import Raw
+    from conftest import Raw
     lines = ["%s %s/forward%s HTTP/1.1" % (method, PREFIX, "?" + query if query else "")]
     headers = dict(headers)
     headers.setdefault("Host", SITE)
