@@ -1440,20 +1440,10 @@ def parse_tokens_text(text, path):
 
 
 def read_tokens_file(path):
-    """(entries, tokens) of the tokens file; an absent file has none."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_USERS_FILE + 1)
-    except FileNotFoundError:
-        return [], {}
-    except OSError as e:
-        raise UsersFileError(["%s: cannot read: %s" % (path, e.strerror)])
-    if len(data) > MAX_USERS_FILE:
-        raise UsersFileError(["%s: larger than %d MiB" % (path, MAX_USERS_FILE >> 20)])
-    try:
-        return parse_tokens_text(data.decode("utf-8"), path)
-    except UnicodeDecodeError as e:
-        raise UsersFileError(["%s: not UTF-8 text (byte %d)" % (path, e.start)]) from None
+    """(entries, tokens) of the tokens file; an absent file has none. Read
+    with the users file's bounds and checks."""
+    text = read_users_text(path)
+    return parse_tokens_text(text, path) if text is not None else ([], {})
 
 
 def render_tokens(entries):
