@@ -1834,17 +1834,48 @@ def parse_request_line(line):
 HEADER_LINE_RE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*)\r?")
 
 
+def parse_header_line(line):
+    """"Name: value" -> (lower-case name, value); None for a blank line."""
+    match = HEADER_LINE_RE.fullmatch(line)
+    if match is None:
+        if line in ("", "\r"):
+            return None
+        raise HTTPError(400, header_line_problem(line))
+    return match.group(1).lower(), match.group(2).rstrip(" \t")
+
+
+class Parsed(dict):
+    """PARSE(line), remembered: most lines repeat from one request to the
+    next (the request line, Host, Cookie, the X-Original-* lines of a page's
+    assets), and a dict lookup costs far less than a parse. Bounded: at most
+    1024 lines of at most 1024 characters; a line that fails is not kept."""
+
+    def __init__(self, parse):
+        super().__init__()
+        self.parse = parse
+
+    def __missing__(self, line):
+        result = self.parse(line)
+        if len(line) <= 1024:
+            if len(self) >= 1024:
+                self.clear()
+            self[line] = result
+        return result
+
+
+HEADER_LINES = Parsed(parse_header_line)
+REQUEST_LINES = Parsed(lambda line: parse_request_line(line.encode("latin-1")))
+
+
 def parse_header_fields(lines):
     """Header lines -> {lower-case name: value}; HTTPError for anything
     malformed, and for a repeat of a field that must be single."""
     headers = {}
     for line in lines:
-        match = HEADER_LINE_RE.fullmatch(line)
-        if match is None:
-            if line in ("", "\r"):
-                continue
-            raise HTTPError(400, header_line_problem(line))
-        name, value = match.group(1).lower(), match.group(2).rstrip(" \t")
+        field = HEADER_LINES[line]
+        if field is None:
+            continue
+        name, value = field
         if name in headers:
             if name in SINGLE_HEADERS:
                 raise HTTPError(400, "repeated %s header" % name)
@@ -1866,7 +1897,7 @@ def header_line_problem(line):
 def parse_head(head):
     """The bytes of a request head -> Request (without body)."""
     lines = head.decode("latin-1").split("\n")
-    method, target, version = parse_request_line(lines[0].rstrip("\r").encode("latin-1"))
+    method, target, version = REQUEST_LINES[lines[0].rstrip("\r")]
     if len(lines) - 1 > MAX_HEADERS:
         raise HTTPError(431, "too many header fields")
     request = Request()

@@ -625,15 +625,19 @@ header_lines = st.one_of(
     .map(b"".join))
 
 
+request_heads = st.builds(
+    lambda method, target, version, headers, eol: eol.join([b" ".join((method, target, version))] + headers) + eol,
+    st.sampled_from([b"GET", b"POST", b"get", b"G T", b"", b"\xff"]),
+    st.sampled_from([b"/__auth/auth", b"*", b"http://x/", b"/\xff", b"/a b", b"", b"/" + b"a" * 9000]),
+    st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1x", b""]),
+    st.lists(header_lines, max_size=6), st.sampled_from([b"\r\n", b"\n"]))
+
+
 @FUZZ
-@given(st.sampled_from([b"GET", b"POST", b"get", b"G T", b"", b"\xff"]),
-       st.sampled_from([b"/__auth/auth", b"*", b"http://x/", b"/\xff", b"/a b", b"", b"/" + b"a" * 9000]),
-       st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1x", b""]),
-       st.lists(header_lines, max_size=6), st.sampled_from([b"\r\n", b"\n"]))
-@example(b"POST", b"/__auth/login", b"HTTP/1.1", [b"Content-Length: \xb2"], b"\r\n")
-@example(b"POST", b"/__auth/login", b"HTTP/1.1", [b"Content-Length: \xef\xbc\x91"], b"\r\n")
-def test_fuzz_request_head_never_raises_but_httperror(method, target, version, headers, eol):
-    head = eol.join([b" ".join(p for p in (method, target, version))] + headers) + eol
+@given(request_heads)
+@example(b"POST /__auth/login HTTP/1.1\r\nContent-Length: \xb2\r\n")
+@example(b"POST /__auth/login HTTP/1.1\r\nContent-Length: \xef\xbc\x91\r\n")
+def test_fuzz_request_head_never_raises_but_httperror(head):
     try:
         request = A.parse_head(head)
         length = A.body_length(request)
@@ -641,6 +645,35 @@ def test_fuzz_request_head_never_raises_but_httperror(method, target, version, h
         assert 400 <= e.status <= 431 or e.status == 505
         return
     assert isinstance(length, int) and 0 <= length <= A.MAX_BODY
+
+
+def parse_outcome(head):
+    try:
+        r = A.parse_head(head)
+    except A.HTTPError as e:
+        return e.status, str(e)
+    return r.method, r.target, r.version, r.headers, r.keep_alive
+
+
+@FUZZ
+@given(st.lists(request_heads, min_size=1, max_size=4))
+def test_fuzz_remembered_lines_give_the_same_answer(heads):
+    """The parser remembers lines it has seen: a head parsed again, after
+    others, gets the answer it got with nothing remembered."""
+    A.HEADER_LINES.clear()
+    A.REQUEST_LINES.clear()
+    fresh = [parse_outcome(head) for head in heads]
+    assert [parse_outcome(head) for head in reversed(heads)] == fresh[::-1]
+
+
+def test_remembered_lines_are_bounded_in_number_and_length():
+    for i in range(3000):
+        A.parse_head(b"GET /%d HTTP/1.1\r\nHost: a\r\nX-N: %d\r\n" % (i, i))
+    A.parse_head(b"GET / HTTP/1.1\r\nHost: a\r\nX-Long: " + b"x" * 3000 + b"\r\n")
+    for remembered in (A.HEADER_LINES, A.REQUEST_LINES):
+        assert 0 < len(remembered) <= 1024
+        assert max(map(len, remembered)) <= 1024
+    assert "X-Long: " + "x" * 3000 not in A.HEADER_LINES
 
 
 field_names = st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,15}", fullmatch=True).filter(
