@@ -24,6 +24,7 @@ import ctypes.util
 import errno
 import fcntl
 import functools
+import gc
 import getpass
 import hashlib
 import hmac
@@ -3618,8 +3619,11 @@ RELEASE_AFTER_CLOSED = 1000  # connections closed since the peak before memory g
 
 
 def release_memory():
-    """Give the system back the memory malloc keeps after a burst (glibc keeps
-    freed memory for reuse: 10,000 closed connections would hold ~20 MiB)."""
+    """Give the system back what a burst of connections left: a closed
+    asyncio transport is a reference cycle (it holds a bound method of
+    itself), freed only by the cycle collector, which an idle server does not
+    run; and glibc keeps freed memory for reuse."""
+    gc.collect()
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only; elsewhere nothing to do
     if trim is not None:
         trim(0)
