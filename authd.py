@@ -832,29 +832,34 @@ def parse_user_line(line):
     return User(name, password_hash, groups, totp)
 
 
-def parse_users_text(text, path):
-    """The whole file -> (entries, users). entries keeps every line in order:
-    a str for comments and blanks, a User for users. Raises UsersFileError
-    listing every bad line."""
-    entries, users, problems, first_seen = [], {}, [], {}
+def parse_lines(text, path, parse_line, keys, repeated):
+    """A file's lines -> entries, in order: a str for comments and blanks,
+    what PARSE_LINE made of the others. An item whose KEYS match an earlier
+    one's is a problem that REPEATED(item, first line) describes. Raises
+    UsersFileError listing every bad line."""
+    entries, first_seen, problems = [], {}, []
     for number, line in enumerate(text.splitlines(), 1):
         try:
-            user = parse_user_line(line)
+            item = parse_line(line)
         except ValueError as e:
             problems.append("%s line %d: %s" % (path, number, e))
             continue
-        if user is None:
-            entries.append(line)
+        earlier = [first_seen[key] for key in keys(item) if key in first_seen] if item is not None else []
+        if earlier:
+            problems.append("%s line %d: %s" % (path, number, repeated(item, earlier[0])))
             continue
-        if user.name in users:
-            problems.append("%s line %d: user %s is already on line %d" % (path, number, user.name, first_seen[user.name]))
-            continue
-        users[user.name] = user
-        first_seen[user.name] = number
-        entries.append(user)
+        first_seen.update(dict.fromkeys(keys(item), number) if item is not None else {})
+        entries.append(line if item is None else item)
     if problems:
         raise UsersFileError(problems)
-    return entries, users
+    return entries
+
+
+def parse_users_text(text, path):
+    """The whole file -> (entries, users by name)."""
+    entries = parse_lines(text, path, parse_user_line, lambda user: (user.name,),
+                          lambda user, first: "user %s is already on line %d" % (user.name, first))
+    return entries, {user.name: user for user in entries if isinstance(user, User)}
 
 
 def read_users_file(path):
@@ -1420,24 +1425,9 @@ def parse_token_line(line):
 
 def parse_tokens_text(text, path):
     """-> (entries, tokens by digest); UsersFileError lists every bad line."""
-    entries, tokens, labels, problems = [], {}, set(), []
-    for number, line in enumerate(text.splitlines(), 1):
-        try:
-            token = parse_token_line(line)
-        except ValueError as e:
-            problems.append("%s line %d: %s" % (path, number, e))
-            continue
-        if token is None:
-            entries.append(line)
-        elif token.digest in tokens or (token.owner, token.label) in labels:
-            problems.append("%s line %d: a second line for token %s of %s" % (path, number, token.label, token.owner))
-        else:
-            tokens[token.digest] = token
-            labels.add((token.owner, token.label))
-            entries.append(token)
-    if problems:
-        raise UsersFileError(problems)
-    return entries, tokens
+    entries = parse_lines(text, path, parse_token_line, lambda token: (token.digest, (token.owner, token.label)),
+                          lambda token, _: "a second line for token %s of %s" % (token.label, token.owner))
+    return entries, {token.digest: token for token in entries if isinstance(token, AppToken)}
 
 
 def read_tokens_file(path):
