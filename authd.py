@@ -3631,6 +3631,8 @@ class Connection(asyncio.Protocol):
     order (pipelining). A request's head and body must arrive within the
     header timeout from its first byte, whatever pace the client sends at
     (slow-loris); a new connection must start one within it too."""
+    __slots__ = ("server", "transport", "peer", "buffer", "pending", "length", "deadline",
+                 "busy", "closed", "write_paused")
 
     def __init__(self, server):
         self.server, self.buffer, self.pending, self.length = server, b"", None, 0
