@@ -4488,11 +4488,26 @@ def main(argv=None):
 
 # Python keeps the parse tree of the script it runs until the script returns:
 # about 10 MiB for this file, for as long as the server runs. So the server
-# runs this file again (same process) through runpy, which frees the tree
-# once the code is compiled.
-RUN_COMPILED = "import runpy, sys; sys.argv.pop(0); runpy.run_path(sys.argv[0], {'COMPILED': True}, '__main__')"
+# runs this file again, in the same process, through runpy, which frees the
+# tree once the code is compiled. Same interpreter flags; the script's folder
+# first on the import path, as for `python3 authd.py` (never the current
+# folder, which `python3 -c` would put there).
+RUN_COMPILED = """import sys, os
+if sys.path[:1] == [""]:
+    sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[1]))
+del sys.argv[0]
+import runpy
+runpy.run_path(sys.argv[0], {"COMPILED": True}, "__main__")
+"""
+
+
+def run_compiled():
+    import subprocess
+    flags = getattr(subprocess, "_args_from_interpreter_flags", list)()  # -X, -W, -O, -I...: what multiprocessing uses
+    os.execv(sys.executable, [sys.executable] + flags + ["-c", RUN_COMPILED] + sys.argv)
+
 
 if __name__ == "__main__":
     if with_command(sys.argv[1:])[0] == "serve" and not globals().get("COMPILED") and sys.executable:
-        os.execv(sys.executable, [sys.executable, "-c", RUN_COMPILED] + sys.argv)
+        run_compiled()
     sys.exit(main())

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import authd as A
-from conftest import Raw, fast_hash, proc_status
+from conftest import Authd, Raw, fast_hash, proc_status
 
 PREFIX = "/__auth"
 CAROL_PW = "carol-password"
@@ -186,3 +186,22 @@ def test_pipelined_requests_wait_behind_a_login_and_keep_their_order(authd):
     s.send(login_bytes("dave", "wrong-password") + auth + login_bytes("dave", "dave-password") + auth)
     assert [s.response().status for _ in range(4)] == [401, 200, 200, 200]
     s.close()
+
+
+def test_the_server_imports_nothing_from_its_working_folder(tmp_path):
+    """The server re-runs its file through runpy (to free the script's parse
+    tree); that must not put the working folder on the import path, where a
+    file named like a standard module would be imported instead."""
+    marker = tmp_path / "imported"
+    for module in ("runpy", "json", "asyncio"):
+        (tmp_path / (module + ".py")).write_text("open(%r, 'w').write(%r)\n" % (str(marker), module))
+    server = Authd(tmp_path, users=["alice:" + fast_hash("alice-password")])
+    try:
+        conn = Raw(server.port)
+        conn.send(b"GET " + PREFIX.encode() + b"/healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert conn.response().status == 200
+        with open("/proc/%d/cmdline" % server.proc.pid, "rb") as f:
+            assert b"runpy" in f.read()  # the process authd started as, re-run through runpy
+        assert not marker.exists(), "imported %s.py from the working folder" % marker.read_text()
+    finally:
+        server.stop()
