@@ -605,12 +605,6 @@ def hash_password(password, salt=None):
     return "$scrypt$ln=%d,r=%d,p=%d$%s$%s" % (SCRYPT_LN, SCRYPT_R, SCRYPT_P, _b64_encode(salt), _b64_encode(checksum))
 
 
-def is_legacy_hash(value):
-    """Formats replaced by scrypt at the next login. (scrypt hashes keep their
-    parameters; 'passwd' re-hashes with the current ones.)"""
-    return not value.startswith("$scrypt$")
-
-
 # A random hash with the default cost, whose password nobody knows: an unknown
 # user name is checked against it, so it costs the same time as a known one.
 DUMMY_HASH = "$scrypt$ln=%d,r=%d,p=%d$%s$%s" % (SCRYPT_LN, SCRYPT_R, SCRYPT_P,
@@ -862,10 +856,11 @@ def parse_users_text(text, path):
     return entries, {user.name: user for user in entries if isinstance(user, User)}
 
 
-def read_users_file(path):
-    """(entries, users) of the users file; an absent file has no users."""
+def read_users_file(path, parse=parse_users_text):
+    """(entries, users) of the users file (or, with PARSE, another file
+    read with its bounds and checks); an absent file has none."""
     text = read_users_text(path)
-    return parse_users_text(text, path) if text is not None else ([], {})
+    return parse(text, path) if text is not None else ([], {})
 
 
 def read_users_text(path):
@@ -909,7 +904,8 @@ def plaintext_warnings(text, path):
 
 
 def render_users(entries):
-    return "".join((e.line() if isinstance(e, User) else e) + "\n" for e in entries)
+    """The lines of a users or tokens file: comments and blanks as they were."""
+    return "".join((e if isinstance(e, str) else e.line()) + "\n" for e in entries)
 
 
 class UsersFileLock:
@@ -1003,35 +999,27 @@ def write_file_atomically(path, text, default_mode=0o600):
         pass
 
 
-def edit_users_file(path, change, read=read_users_file, render=render_users):
+def edit_users_file(path, change, read=read_users_file):
     """Lock, read, call change(entries, users) -> message, write back
     atomically (only if something changed), return the message. The tokens
-    file is edited the same way, with its own READ and RENDER."""
+    file is edited the same way, with its own READ."""
     with UsersFileLock(path):
         remove_stale_temp_files(path)
         entries, users = read(path)
-        before = render(entries)
+        before = render_users(entries)
         message = change(entries, users)
-        after = render(entries)
+        after = render_users(entries)
         if after != before:
             write_file_atomically(path, after)
         return message
 
 
-def set_hash(entries, name, new_hash):
-    """Replace the hash of user NAME in ENTRIES (a users file being edited)."""
+def set_user(entries, name, **changes):
+    """Change the hash or the two-factor secret (None removes it) of user
+    NAME in ENTRIES (a users file being edited)."""
     for i, entry in enumerate(entries):
         if isinstance(entry, User) and entry.name == name:
-            entries[i] = User(name, new_hash, entry.groups, entry.totp)
-            return
-    raise KeyError(name)
-
-
-def set_totp(entries, name, secret):
-    """Set (or, with SECRET None, remove) the two-factor secret of user NAME in ENTRIES."""
-    for i, entry in enumerate(entries):
-        if isinstance(entry, User) and entry.name == name:
-            entries[i] = User(name, entry.hash, entry.groups, secret)
+            entries[i] = User(name, changes.get("hash", entry.hash), entry.groups, changes.get("totp", entry.totp))
             return
     raise KeyError(name)
 
@@ -1042,7 +1030,7 @@ def hash_plaintext_lines(path):
     def convert(entries, users):
         names = [u.name for u in users.values() if is_plaintext(u.hash)]
         for name in names:
-            set_hash(entries, name, hash_password(users[name].hash))
+            set_user(entries, name, hash=hash_password(users[name].hash))
         return names
 
     return edit_users_file(path, convert)
@@ -1116,7 +1104,7 @@ class UsersStore:
         def swap(entries, users):
             if name not in users or users[name].hash != verified_hash:
                 return False
-            set_hash(entries, name, new_hash)
+            set_user(entries, name, hash=new_hash)
             return True
 
         if not edit_users_file(self.path, swap):
@@ -1430,15 +1418,7 @@ def parse_tokens_text(text, path):
     return entries, {token.digest: token for token in entries if isinstance(token, AppToken)}
 
 
-def read_tokens_file(path):
-    """(entries, tokens) of the tokens file; an absent file has none. Read
-    with the users file's bounds and checks."""
-    text = read_users_text(path)
-    return parse_tokens_text(text, path) if text is not None else ([], {})
-
-
-def render_tokens(entries):
-    return "".join((e.line() if isinstance(e, AppToken) else e) + "\n" for e in entries)
+read_tokens_file = functools.partial(read_users_file, parse=parse_tokens_text)
 
 
 def rebind_tokens(path, name, old, new):
@@ -1450,7 +1430,7 @@ def rebind_tokens(path, name, old, new):
                 token.fingerprint = new
 
     if os.path.exists(path):
-        edit_users_file(path, change, read_tokens_file, render_tokens)
+        edit_users_file(path, change, read_tokens_file)
 
 
 class TokensStore:
@@ -1797,6 +1777,11 @@ class Reply:
             self.body, self.content_type, self.page_headers = page, "text/html; charset=utf-8", True
 
 
+def retry_after(reply, seconds):
+    reply.headers.append(("Retry-After", str(seconds)))
+    return reply
+
+
 def text_reply(status, text):
     return Reply(status, body=(text + "\n").encode("utf-8"), content_type="text/plain; charset=utf-8")
 
@@ -2063,6 +2048,19 @@ class UnsupportedMediaType(ValueError):
     """A login body of a type authd does not read (415, not 400)."""
 
 
+def form_fields(request):
+    """The fields of a form-urlencoded body (the last of a repeated name), or
+    None when it is malformed or of another type."""
+    if request.content_type() not in ("application/x-www-form-urlencoded", ""):
+        return None
+    try:
+        text = request.body.decode("utf-8")
+        return dict(urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text),
+                                           max_num_fields=20, errors="strict"))
+    except (ValueError, UnicodeError):
+        return None
+
+
 def parse_login_body(request):
     """(username, password, rd or None) from a JSON or form body, "" for a
     missing user name or password; ValueError with a message for a body
@@ -2077,12 +2075,9 @@ def parse_login_body(request):
             raise ValueError("The body must be a JSON object")
         target = None
     elif kind in ("application/x-www-form-urlencoded", ""):
-        try:
-            text = request.body.decode("utf-8")
-            data = dict(urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text),
-                                               max_num_fields=20, errors="strict"))
-        except (ValueError, UnicodeError):
-            raise ValueError("The form data is malformed") from None
+        data = form_fields(request)
+        if data is None:
+            raise ValueError("The form data is malformed")
         target = data.get("rd")
     else:
         raise UnsupportedMediaType("Content-Type must be application/x-www-form-urlencoded or application/json")
@@ -2101,19 +2096,6 @@ def json_code(request):
         return None
     code = data.get("code") if isinstance(data, dict) else None
     return None if code is None else code if isinstance(code, str) else ""
-
-
-def form_fields(request):
-    """The fields of a form-urlencoded body (the last of a repeated name), or
-    None when it is malformed or of another type."""
-    if request.content_type() not in ("application/x-www-form-urlencoded", ""):
-        return None
-    try:
-        text = request.body.decode("utf-8")
-        return dict(urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text),
-                                           max_num_fields=20, errors="strict"))
-    except (ValueError, UnicodeError):
-        return None
 
 
 # ---------------------------------------------------------------------------
@@ -2254,22 +2236,16 @@ def _qr_interleave(codewords, version):
 
 # ---- The symbol: function patterns first, then the data in the remaining modules.
 
-def _qr_draw_finder(modules, reserved, centre_x, centre_y):
-    """A 7x7 finder pattern with its light separator ring (clipped at the edges)."""
+def _qr_draw_rings(modules, reserved, centre_x, centre_y, radius, light):
+    """Square rings around a centre, dark but for the LIGHT ones (clipped at
+    the edges): a finder pattern with its separator, or an alignment pattern."""
     size = len(modules)
-    for dy in range(-4, 5):
-        for dx in range(-4, 5):
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
             x, y = centre_x + dx, centre_y + dy
             if 0 <= x < size and 0 <= y < size:
-                modules[y][x] = max(abs(dx), abs(dy)) not in (2, 4)
+                modules[y][x] = max(abs(dx), abs(dy)) not in light
                 reserved[y][x] = True
-
-
-def _qr_draw_alignment(modules, reserved, centre_x, centre_y):
-    for dy in range(-2, 3):
-        for dx in range(-2, 3):
-            modules[centre_y + dy][centre_x + dx] = max(abs(dx), abs(dy)) != 1
-            reserved[centre_y + dy][centre_x + dx] = True
 
 
 def _qr_format_bits(mask):
@@ -2329,13 +2305,13 @@ def _qr_function_patterns(version):
         modules[6][i] = modules[i][6] = i % 2 == 0
         reserved[6][i] = reserved[i][6] = True
     for x, y in ((3, 3), (size - 4, 3), (3, size - 4)):
-        _qr_draw_finder(modules, reserved, x, y)
+        _qr_draw_rings(modules, reserved, x, y, 4, (2, 4))
     centres = _qr_alignment_positions(version)
     corners = {(6, 6), (6, centres[-1] if centres else 0), (centres[-1] if centres else 0, 6)}
     for y in centres:
         for x in centres:
             if (x, y) not in corners:  # these would overlap a finder pattern
-                _qr_draw_alignment(modules, reserved, x, y)
+                _qr_draw_rings(modules, reserved, x, y, 2, (1,))
     _qr_draw_format(modules, reserved, 0)  # placeholder: reserves the modules
     _qr_draw_version(modules, reserved, version)
     return modules, reserved
@@ -2789,9 +2765,6 @@ class App:
             parts.append("Domain=" + s.cookie_domain)
         return "; ".join(parts)
 
-    def clearing_cookie(self):
-        return self.cookie_header("", 0)
-
     # -- P/auth and P/admin (any method): the hot path ---------------------------
 
     def handle_auth(self, request, admin_only=False):
@@ -2838,7 +2811,7 @@ class App:
         if is_api_client(request):
             reply.headers.append(("WWW-Authenticate", CHALLENGE))
         if "cookie" in request.headers and cookie_values(request.headers["cookie"], self.settings.cookie_name):
-            reply.headers.append(("Set-Cookie", self.clearing_cookie()))
+            reply.headers.append(("Set-Cookie", self.cookie_header("", 0)))
         return reply
 
     def credentials_auth(self, request, admin_only, now):
@@ -2883,9 +2856,7 @@ class App:
         """Too many hashes wait: 401 now (the only refusal P/auth has), and
         the attempt does not count against the client."""
         self.refund_attempt(request.client_ip(), name)
-        reply = self.denied(request)
-        reply.headers.append(("Retry-After", "5"))
-        return reply
+        return retry_after(self.denied(request), 5)
 
     def identified(self, request, user, admin_only, how):
         """The answer for USER, known by HOW (basic or token): no cookie, and
@@ -3033,10 +3004,8 @@ class App:
         if wait:
             log("warning", "login rate limit hit from %s user=%s" % (request.client_ip(), quoted(name)))
             LOGIN_COUNTS.add("rate-limited")
-            reply = self.login_failed(request, wants_json, 429, "Too many attempts; try again in %d seconds" % wait,
-                                      target, name)
-            reply.headers.append(("Retry-After", str(wait)))
-            return reply
+            return retry_after(self.login_failed(request, wants_json, 429, "Too many attempts; try again in %d seconds"
+                                                 % wait, target, name), wait)
         return Later(self.finish_login, request, wants_json, name, password, target)
 
     def count_attempt(self, address, name):
@@ -3117,7 +3086,7 @@ class App:
             verify_password(password, DUMMY_HASH)
         if not ok or user is None:
             return None
-        if is_legacy_hash(user.hash):
+        if not user.hash.startswith("$scrypt$"):  # a legacy format: replaced at login (scrypt keeps its parameters)
             try:
                 old = user.fingerprint
                 upgraded = self.store.upgrade_hash(name, password, user.hash)
@@ -3171,7 +3140,7 @@ class App:
         user, _ = self.session(request, int(time.time()))
         if user is not None:
             log("info", "logout from %s user=%s" % (request.client_ip(), quoted(user.name)))
-        cookie = ("Set-Cookie", self.clearing_cookie())
+        cookie = ("Set-Cookie", self.cookie_header("", 0))
         if request.wants_json():
             return Reply(200, headers=[cookie], data={"status": "ok"})
         target = self.return_target(request)
@@ -3285,10 +3254,8 @@ class App:
         so a flood of logins costs neither a wait nor a connection held open."""
         LOGIN_COUNTS.add("busy")
         wants_json = request.content_type() == "application/json" if wants_json is None else wants_json
-        reply = self.login_failed(request, wants_json, 503, "The server is busy; try again in a moment",
-                                  target or self.return_target(request))
-        reply.headers.append(("Retry-After", "5"))
-        return reply
+        return retry_after(self.login_failed(request, wants_json, 503, "The server is busy; try again in a moment",
+                                             target or self.return_target(request)), 5)
 
     def handle_health(self, request):
         return text_reply(200, "ok")
@@ -3371,9 +3338,8 @@ class App:
             return self.login_failed(request, False, 401, "This sign-in has expired; please sign in again", target)
         wait = self.count_code(request.client_ip(), user.name)
         if wait:
-            reply = self.login_failed(request, False, 429, "Too many attempts; try again in %d seconds" % wait, target)
-            reply.headers.append(("Retry-After", str(wait)))
-            return reply
+            return retry_after(self.login_failed(request, False, 429, "Too many attempts; try again in %d seconds" % wait,
+                                                 target), wait)
         if not self.codes.try_code(claims["jti"], claims["exp"], now):
             return self.login_failed(request, False, 401, "Too many codes; please sign in again", target, user.name)
         return self.check_step(request, user, fields, claims, target, now)
@@ -3411,7 +3377,7 @@ class App:
             user = users.get(name)
             if user is None or not hmac.compare_digest(user.fingerprint, fingerprint):
                 return False
-            set_totp(entries, name, secret)
+            set_user(entries, name, totp=secret)
             return True
 
         if not edit_users_file(self.store.path, change):
@@ -3463,9 +3429,8 @@ class App:
             return self.totp_page(request, user, now, 400, "The form data is malformed")
         wait = self.count_code(request.client_ip(), user.name)
         if wait:
-            reply = self.totp_page(request, user, now, 429, "Too many attempts; try again in %d seconds" % wait)
-            reply.headers.append(("Retry-After", str(wait)))
-            return reply
+            return retry_after(self.totp_page(request, user, now, 429, "Too many attempts; try again in %d seconds" % wait),
+                               wait)
         return self.change_totp(request, user, claims, fields, now)
 
     def change_totp(self, request, user, claims, fields, now):
@@ -4088,7 +4053,7 @@ def command_passwd(args, settings):
 
     def change(entries, users):
         require_user(users, args.name, settings.users_file)
-        set_hash(entries, args.name, new_hash)
+        set_user(entries, args.name, hash=new_hash)
 
     edit_users_file(settings.users_file, change)
     print("changed the password of %s" % args.name)
@@ -4147,7 +4112,7 @@ def command_totp(args, settings):
 
     def change(entries, users):
         require_user(users, args.name, settings.users_file)
-        set_totp(entries, args.name, secret)
+        set_user(entries, args.name, totp=secret)
 
     edit_users_file(settings.users_file, change)
     print("two-factor sign-in %s for %s; their other sessions end" % ("removed" if args.remove else "enabled", args.name))
@@ -4240,7 +4205,7 @@ def command_token_add(args, settings):
         entries.append(AppToken(args.name, label, token_digest(token), now, expires, users[args.name].fingerprint))
         return label
 
-    label = edit_users_file(settings.tokens_file, add, read_tokens_file, render_tokens)
+    label = edit_users_file(settings.tokens_file, add, read_tokens_file)
     print(token)
     print("authd: app token %s of %s, %s, saved in %s. It is shown only this once: store it now."
           % (label, args.name, "expires " + when(expires) if expires else "no expiry", settings.tokens_file),
@@ -4267,7 +4232,7 @@ def command_token_revoke(args, settings):
             raise Failure("no token %s of %s in %s" % (quoted(args.label), quoted(args.name), settings.tokens_file))
         entries.remove(found[0])
 
-    edit_users_file(settings.tokens_file, revoke, read_tokens_file, render_tokens)
+    edit_users_file(settings.tokens_file, revoke, read_tokens_file)
     print("revoked token %s of %s" % (args.label, args.name))
 
 
