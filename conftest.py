@@ -496,15 +496,11 @@ def need_browser():
     need_module("playwright", "the playwright Python package")
 
 
-def need_nginx():
+@pytest.fixture(scope="module")
+def nginx_tools():
     """nginx, and openssl for the certificate of an HTTPS site."""
     need(nginx_path(), "nginx is not installed (Debian: apt-get install nginx-light)")
     need_openssl()
-
-
-@pytest.fixture(scope="module")
-def nginx_tools():
-    need_nginx()
 
 
 @pytest.fixture(scope="module")
@@ -529,6 +525,17 @@ def substitute(text, old, new, count=1):
     return text.replace(old, new)
 
 
+def local_nginx(text, *, http_port, https_port, authd_port, app_port, cert, key, tls_servers=1):
+    """An nginx example with its listen ports, authd and app upstreams and certificate
+    made local (TLS_SERVERS: how many server blocks listen on 443)."""
+    text = substitute(text, "listen 80;", "listen 127.0.0.1:%d;" % http_port)
+    text = substitute(text, "listen 443 ssl;", "listen 127.0.0.1:%d ssl;" % https_port, count=tls_servers)
+    text = substitute(text, "server 127.0.0.1:3003;", "server 127.0.0.1:%d;" % authd_port)
+    text = substitute(text, "server 127.0.0.1:8080;", "server 127.0.0.1:%d;" % app_port)
+    text = substitute(text, "/etc/letsencrypt/live/example.com/fullchain.pem", str(cert), count=tls_servers)
+    return substitute(text, "/etc/letsencrypt/live/example.com/privkey.pem", str(key), count=tls_servers)
+
+
 def stop_process(proc, sig=signal.SIGTERM):
     if proc is not None and proc.poll() is None:
         proc.send_signal(sig)
@@ -537,6 +544,15 @@ def stop_process(proc, sig=signal.SIGTERM):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def stop_all(proc, *services):
+    """Stop a front end's process PROC, then each of SERVICES (an EchoApp, an Authd)
+    that was started (None: it was not)."""
+    stop_process(proc)
+    for service in services:
+        if service is not None:
+            service.stop()
 
 
 def make_cert(directory):
@@ -749,3 +765,14 @@ def aged(token, seconds=300):
         claims[claim] -= seconds
     old = jwt.encode(claims, SECRET, algorithm="HS256")
     return old if isinstance(old, str) else old.decode()
+
+
+def signed_in_page(new_context, url, name, password):
+    """A fresh browser that asked for URL, signed in as NAME on the login page it got
+    instead, and is back at URL: (context, page)."""
+    ctx = new_context()
+    page = ctx.new_page()
+    page.goto(url)
+    login_in_browser(page, name, password)
+    page.wait_for_url(url)
+    return ctx, page

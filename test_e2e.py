@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 
 from conftest import (ARTIFACTS, HERE, Authd, EchoApp, aged, auth_cookie, decode, echo_of, fast_hash, free_port,
-                      login_in_browser, need, nginx_config_test, send, start_nginx, stop_process, substitute,
-                      tcp_sockets, wait_until)
+                      local_nginx, login_in_browser, need, nginx_config_test, send, signed_in_page, start_nginx,
+                      stop_all, substitute, tcp_sockets, wait_until)
 
 EXAMPLE = HERE / "nginx.example.conf"
 BYPASS = "bypass-value-for-monitoring-0123456789"
@@ -60,13 +60,8 @@ STAFF_HTML = b"<!doctype html><title>Staff</title><h1>Staff only page</h1>\n"
 def site_config(example, *, http_port, https_port, authd_port, app_port, root, cert, key,
                 cache_dir=None):
     """nginx.example.conf with ports, paths and upstream addresses made local."""
-    text = example
-    text = substitute(text, "listen 80;", "listen 127.0.0.1:%d;" % http_port)
-    text = substitute(text, "listen 443 ssl;", "listen 127.0.0.1:%d ssl;" % https_port)
-    text = substitute(text, "server 127.0.0.1:3003;", "server 127.0.0.1:%d;" % authd_port)
-    text = substitute(text, "server 127.0.0.1:8080;", "server 127.0.0.1:%d;" % app_port)
-    text = substitute(text, "/etc/letsencrypt/live/example.com/fullchain.pem", str(cert))
-    text = substitute(text, "/etc/letsencrypt/live/example.com/privkey.pem", str(key))
+    text = local_nginx(example, http_port=http_port, https_port=https_port, authd_port=authd_port,
+                       app_port=app_port, cert=cert, key=key)
     text = substitute(text, "root /var/www/example;", "root %s;" % root)
     if cache_dir is not None:  # the opt-in micro-cache, uncommented as the file says
         assert text.count("#~ ") >= 11, "the micro-cache lines (#~) are gone from nginx.example.conf"
@@ -118,11 +113,7 @@ class Site:
         return "nginx error.log:\n%s\n%s" % (text[-4000:], self.authd_log())
 
     def stop(self):
-        stop_process(self.nginx)
-        if self.app is not None:
-            self.app.stop()
-        if self.authd is not None:
-            self.authd.stop()
+        stop_all(self.nginx, self.app, self.authd)
 
     # -- plain HTTPS requests through nginx (no redirects followed) ----------
 
@@ -158,15 +149,9 @@ def is_login_page(body):
     return b'name="username"' in body and b'name="password"' in body and b'action="/__auth/login"' in body
 
 
-def signed_in_page(new_context, site, path, name):
-    """A fresh browser that asked for PATH, signed in as NAME on the login page it got
-    instead, and is back at PATH: (context, page)."""
-    ctx = new_context()
-    page = ctx.new_page()
-    page.goto(site.url + path)
-    login_in_browser(page, name, PASSWORDS[name])
-    page.wait_for_url(site.url + path)
-    return ctx, page
+def signed_in(new_context, site, path, name):
+    """conftest.signed_in_page at PATH of SITE."""
+    return signed_in_page(new_context, site.url + path, name, PASSWORDS[name])
 
 
 # ---------------------------------------------------------------------------
@@ -243,7 +228,7 @@ def test_plain_http_is_redirected_to_https(site):
 # ---------------------------------------------------------------------------
 
 def test_cookie_is_httponly_and_secure_in_the_browser(site, new_context):
-    ctx, page = signed_in_page(new_context, site, "/some/page", "bob")
+    ctx, page = signed_in(new_context, site, "/some/page", "bob")
     cookie = auth_cookie(ctx)
     assert cookie is not None
     assert cookie["httpOnly"] is True and cookie["secure"] is True
@@ -335,10 +320,10 @@ def test_admin_location(site):
 
 
 def test_admin_location_in_browser(site, new_context):
-    _, page = signed_in_page(new_context, site, "/admin/panel", "carol")
+    _, page = signed_in(new_context, site, "/admin/panel", "carol")
     assert "403" in page.content()
     assert "App page" not in page.content()
-    _, page2 = signed_in_page(new_context, site, "/admin/panel", "alice")
+    _, page2 = signed_in(new_context, site, "/admin/panel", "alice")
     assert page2.locator("h1").inner_text() == "App page /admin/panel"
 
 
@@ -368,7 +353,7 @@ def test_subrequest_endpoints_are_internal_and_pages_are_public(site):
 # ---------------------------------------------------------------------------
 
 def test_logout_in_browser_then_login_is_asked_again(site, new_context):
-    ctx, page = signed_in_page(new_context, site, "/some/page", "bob")
+    ctx, page = signed_in(new_context, site, "/some/page", "bob")
     page.goto(site.url + "/__auth/")
     assert "bob" in page.locator("main").inner_text()
     page.get_by_role("button", name="Sign out").click()

@@ -50,8 +50,8 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import conftest
 from conftest import (ARTIFACTS, HERE, SECRET, Authd, EchoApp, Response, aged, auth_cookie, decode, echo_of,
-                      fast_hash, free_port, need, need_browser, nginx_config_test, run_cli, send, start_nginx,
-                      stop_process, substitute, wait_serving)
+                      fast_hash, free_port, local_nginx, need, need_browser, nginx_config_test, run_cli, send, signed_in_page,
+                      start_nginx, stop_all, substitute, wait_serving)
 
 CADDYFILE = HERE / "Caddyfile.example"
 TRAEFIK = HERE / "contrib" / "traefik" / "authd.yml"
@@ -130,11 +130,7 @@ def assert_denied_page(page_or_body, name):
 def denied_in_browser(new_context, url):
     """A fresh browser that asked for URL and signed in there as bob, reloading it:
     authd's access-denied page, 403. (context, page, the reload's response)"""
-    ctx = new_context()
-    page = ctx.new_page()
-    page.goto(url)
-    login_in_browser(page, "bob")
-    page.wait_for_url(url)
+    ctx, page = signed_in_page(new_context, url, "bob", PASSWORDS["bob"])
     response = page.reload()
     assert response.status == 403
     assert_denied_page(page.content(), "bob")
@@ -226,11 +222,7 @@ class CaddySite:
         return "caddy log:\n%s\nauthd log:\n%s" % (text[-6000:], self.authd.log()[-4000:] if self.authd else "")
 
     def stop(self):
-        stop_process(self.caddy)
-        if self.app is not None:
-            self.app.stop()
-        if self.authd is not None:
-            self.authd.stop()
+        stop_all(self.caddy, self.app, self.authd)
 
     def fetch(self, method, path, **kwargs):
         return https_fetch(self.https_port, "example.com", method, path, **kwargs)
@@ -360,11 +352,7 @@ def test_caddy_403_without_browser(caddy_site):
 
 
 def test_caddy_logout(caddy_site, new_context):
-    ctx = new_context()
-    page = ctx.new_page()
-    page.goto(caddy_site.url + "/a")
-    login_in_browser(page, "carol")
-    page.wait_for_url(caddy_site.url + "/a")
+    ctx, page = signed_in_page(new_context, caddy_site.url + "/a", "carol", PASSWORDS["carol"])
     page.goto(caddy_site.url + PREFIX + "/")
     assert "carol" in page.locator("main").inner_text()
     page.get_by_role("button", name="Sign out").click()
@@ -605,14 +593,9 @@ def test_traefik_pages_router_strips_client_claims(traefik_authd):
 # ===========================================================================
 
 def central_config(example, *, http_port, https_port, authd_port, app_port, wiki_port, cert, key):
-    text = example
-    text = substitute(text, "listen 80;", "listen 127.0.0.1:%d;" % http_port)
-    text = substitute(text, "listen 443 ssl;", "listen 127.0.0.1:%d ssl;" % https_port, count=2)
-    text = substitute(text, "server 127.0.0.1:3003;", "server 127.0.0.1:%d;" % authd_port)
-    text = substitute(text, "server 127.0.0.1:8080;", "server 127.0.0.1:%d;" % app_port)
+    text = local_nginx(example, http_port=http_port, https_port=https_port, authd_port=authd_port,
+                       app_port=app_port, cert=cert, key=key, tls_servers=2)
     text = substitute(text, "server 127.0.0.1:8081;", "server 127.0.0.1:%d;" % wiki_port)
-    text = substitute(text, "/etc/letsencrypt/live/example.com/fullchain.pem", str(cert), count=2)
-    text = substitute(text, "/etc/letsencrypt/live/example.com/privkey.pem", str(key), count=2)
     text = substitute(text, "return 302 https://auth.example.com/", "return 302 https://auth.example.com:%d/" % https_port)
     text = substitute(text, "return 302 https://auth.example.com$", "return 302 https://auth.example.com:%d$" % https_port)
     return text
@@ -652,11 +635,7 @@ class SsoSite:
         return "authd log:\n%s" % (self.authd.log()[-4000:] if self.authd else "")
 
     def stop(self):
-        stop_process(self.nginx)
-        self.app.stop()
-        self.wiki.stop()
-        if self.authd is not None:
-            self.authd.stop()
+        stop_all(self.nginx, self.app, self.wiki, self.authd)
 
     def fetch(self, name, method, path, **kwargs):
         return https_fetch(self.https_port, name + ".example.com", method, path, **kwargs)
@@ -701,11 +680,7 @@ def test_sso_signing_in_on_one_site_signs_in_on_the_other(sso, new_context):
 
 
 def test_sso_signing_out_on_one_site_signs_out_on_both(sso, new_context):
-    ctx = new_context()
-    page = ctx.new_page()
-    page.goto(sso.wiki_url + "/w")
-    login_in_browser(page, "carol")
-    page.wait_for_url(sso.wiki_url + "/w")
+    ctx, page = signed_in_page(new_context, sso.wiki_url + "/w", "carol", PASSWORDS["carol"])
     page.goto(sso.app_url + "/a")
     assert json.loads(page.locator("#echo").inner_text())["headers"]["x-auth-user"] == ["carol"]
     page.goto(sso.app_url + PREFIX + "/logout")           # a "Sign out" link on one site

@@ -13,7 +13,7 @@
     who-am-I page links back to the site
 
 Real parts only: authd.py as a subprocess, the real nginx, Debian's Chromium through
-Playwright (see test_e2e.py, whose helpers and fixtures this file reuses).
+Playwright (conftest.py's nginx and browser helpers, test_e2e.py's site).
 """
 import http.client
 import re
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (HERE, SECRET, Authd, auth_cookie, fast_hash, free_port, login_in_browser, need, run_cli,
-                      send, start_nginx, stop_process, substitute, wait_until, write_users)
+                      send, start_nginx, stop_all, substitute, wait_until, write_users)
 # The end-to-end suite's site (nginx.example.conf); a fixture must be an importable
 # name here for pytest to find it.
 from test_e2e import PASSWORDS, is_login_page, site  # noqa: F401
@@ -217,9 +217,7 @@ class UpstreamSite:
         return send(http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=20), method, path, headers, body)
 
     def stop(self):
-        stop_process(self.nginx)
-        if self.authd is not None:
-            self.authd.stop()
+        stop_all(self.nginx, self.authd)
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ and 4-9). Each test was written before its fix and failed on a2595e4 for the
 reason its docstring gives.
 
 Real parts: authd.py as a subprocess, the real nginx running
-nginx.example.conf (helpers from test_e2e.py), the real command line run as
+nginx.example.conf (the Site of test_e2e.py), the real command line run as
 root for the symlink tests. Only time is bent: the reload test shortens
 authd's wait for a hash slot.
 """
