@@ -125,6 +125,14 @@ def write_users(path, lines, mode=0o600):
     return path
 
 
+def users_line(path, name):
+    """NAME's line in the users file at PATH, or None."""
+    for line in Path(path).read_text().splitlines():
+        if line.split(":", 1)[0] == name:
+            return line
+    return None
+
+
 def b64u(data):
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 

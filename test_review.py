@@ -27,17 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HERE, SECRET, Authd, Response, echo_of, fast_hash, need, run_cli, wait_until, write_users
+from conftest import (HERE, SECRET, Authd, Response, echo_of, fast_hash, need, run_cli, users_line, wait_until,
+                      write_users)
 
 P = "/__auth"
 README = HERE / "README.md"
-
-
-def users_line(path, name):
-    for line in Path(path).read_text().splitlines():
-        if line.split(":", 1)[0] == name:
-            return line
-    return None
 
 
 def patient_request(d, method, path, **kwargs):

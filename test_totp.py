@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from conftest import (ARTIFACTS, AUTHD, SECRET, auth_cookie, fast_hash, login_in_browser, run_cli, wait_until,
-                      write_users)
+from conftest import (ARTIFACTS, AUTHD, SECRET, auth_cookie, decode as claims_of, fast_hash, login_in_browser,
+                      run_cli, wait_until, write_users)
 import authd as authd_py
 from test_totp_qr import decode, image, png_grey, terminal_pixels
 
@@ -44,11 +44,6 @@ def away_from_step_edge():
 
 def code(pyotp, secret, steps=0):
     return pyotp.TOTP(secret).at(time.time() + 30 * steps)
-
-
-def claims_of(token):
-    import jwt
-    return jwt.decode(token, SECRET, algorithms=["HS256"])
 
 
 def form(fields):
