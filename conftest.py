@@ -623,9 +623,6 @@ class EchoApp:
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def paths(self):
-        return [r["path"] for r in self.requests]
-
     def stop(self):
         self.server.shutdown()
         self.server.server_close()
