@@ -1,14 +1,17 @@
 """What the test files share: authd.py as a subprocess, HTTP to it (plain sockets
-where the bytes matter), hand-made tokens, and a bounded wait."""
+where the bytes matter), hand-made tokens, a bounded wait, and the real front ends
+(nginx on free loopback ports, an upstream app that echoes, Chromium)."""
 import base64
 import fcntl
 import hashlib
 import hmac
 import http.client
+import importlib.util
 import json
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -120,6 +123,14 @@ def write_users(path, lines, mode=0o600):
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     os.chmod(path, mode)
     return path
+
+
+def users_line(path, name):
+    """NAME's line in the users file at PATH, or None."""
+    for line in Path(path).read_text().splitlines():
+        if line.split(":", 1)[0] == name:
+            return line
+    return None
 
 
 def b64u(data):
@@ -456,3 +467,317 @@ def run_cli(*args, input=None, env=None, cwd=None, timeout=60):
     return subprocess.run([sys.executable, str(AUTHD)] + [str(a) for a in args],
                           input=input, capture_output=True, text=True, env=clean_environ(env),
                           cwd=cwd, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------
+# real front ends: nginx, an upstream app that echoes, Chromium
+# ---------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+                 # every name under example.com is this machine, for this browser only (the
+                 # screenshots show a real-looking host name; single sign-on needs several)
+                 "--host-resolver-rules=MAP example.com 127.0.0.1, MAP *.example.com 127.0.0.1"]
+ARTIFACTS = HERE / "test-artifacts"  # screenshots (gitignored)
+
+
+def nginx_path():
+    """$AUTHD_TEST_NGINX if set, else nginx on PATH or in /usr/sbin (not on a
+    normal user's PATH on Debian); None when missing."""
+    explicit = os.environ.get("AUTHD_TEST_NGINX")
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin:/sbin")
+
+
+def need_module(name, what):
+    need(importlib.util.find_spec(name) is not None, "%s is missing (pip install -r requirements-test.txt)" % what)
+
+
+def need_openssl():
+    need(shutil.which("openssl"), "openssl is missing (Debian: apt-get install openssl)")
+
+
+def need_browser():
+    need(os.access(CHROMIUM, os.X_OK), "%s is missing (Debian: apt-get install chromium)" % CHROMIUM)
+    need_module("playwright", "the playwright Python package")
+
+
+@pytest.fixture(scope="module")
+def nginx_tools():
+    """nginx, and openssl for the certificate of an HTTPS site."""
+    need(nginx_path(), "nginx is not installed (Debian: apt-get install nginx-light)")
+    need_openssl()
+
+
+@pytest.fixture(scope="module")
+def pyotp():
+    need_module("pyotp", "pyotp")
+    import pyotp
+    return pyotp
+
+
+@pytest.fixture(scope="module")
+def zxing():
+    need_module("zxingcpp", "zxing-cpp")
+    import zxingcpp
+    return zxingcpp
+
+
+def substitute(text, old, new, count=1):
+    """TEXT with OLD replaced by NEW, which must be there exactly COUNT times (so a
+    shipped example cannot drift from what is tested)."""
+    found = text.count(old)
+    assert found == count, "the example changed: expected %d x %r, found %d" % (count, old, found)
+    return text.replace(old, new)
+
+
+def local_nginx(text, *, http_port, https_port, authd_port, app_port, cert, key, tls_servers=1):
+    """An nginx example with its listen ports, authd and app upstreams and certificate
+    made local (TLS_SERVERS: how many server blocks listen on 443)."""
+    text = substitute(text, "listen 80;", "listen 127.0.0.1:%d;" % http_port)
+    text = substitute(text, "listen 443 ssl;", "listen 127.0.0.1:%d ssl;" % https_port, count=tls_servers)
+    text = substitute(text, "server 127.0.0.1:3003;", "server 127.0.0.1:%d;" % authd_port)
+    text = substitute(text, "server 127.0.0.1:8080;", "server 127.0.0.1:%d;" % app_port)
+    text = substitute(text, "/etc/letsencrypt/live/example.com/fullchain.pem", str(cert), count=tls_servers)
+    return substitute(text, "/etc/letsencrypt/live/example.com/privkey.pem", str(key), count=tls_servers)
+
+
+def stop_process(proc, sig=signal.SIGTERM):
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def stop_all(proc, *services):
+    """Stop a front end's process PROC, then each of SERVICES (an EchoApp, an Authd)
+    that was started (None: it was not)."""
+    stop_process(proc)
+    for service in services:
+        if service is not None:
+            service.stop()
+
+
+def make_cert(directory):
+    """A throw-away self-signed certificate for 127.0.0.1, localhost, example.com
+    and every name under it: (cert path, key path)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=example.com", "-addext",
+                    "subjectAltName=DNS:example.com,DNS:*.example.com,DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory):
+    need_openssl()
+    return make_cert(tmp_path_factory.mktemp("cert"))
+
+
+class EchoApp:
+    """A tiny HTTP/1.1 upstream on a free loopback port. Every request is
+    recorded and answered with an HTML page whose <pre id=echo> holds JSON:
+    method, path, headers (name -> list of values, so a duplicate shows), body."""
+
+    def __init__(self, name="App"):
+        import html
+        import http.server
+        self.requests = []
+        app = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def handle_any(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                headers = {}
+                for key, value in self.headers.items():
+                    headers.setdefault(key.lower(), []).append(value)
+                record = {"method": self.command, "path": self.path, "headers": headers,
+                          "body": body.decode("latin-1")}
+                app.requests.append(record)
+                page = ("<!doctype html><html><head><title>%s page</title></head><body>"
+                        "<h1>%s page %s</h1><pre id=\"echo\">%s</pre></body></html>"
+                        % (name, name, html.escape(self.path), html.escape(json.dumps(record)))).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(page)
+
+            do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = handle_any
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def echo_of(body):
+    """The JSON record out of an EchoApp page."""
+    import html
+    m = re.search(rb'<pre id="echo">(.*?)</pre>', body, re.S)
+    assert m, body[:500]
+    return json.loads(html.unescape(m.group(1).decode()))
+
+
+def nginx_main_config(workdir, site_file):
+    """The minimal nginx.conf around a site: everything nginx writes stays in WORKDIR."""
+    user = ""
+    if os.geteuid() == 0:  # as root, workers would run as nobody and could not read the tmp dir
+        user = "user root;\n"
+    temp = "".join("    %s_temp_path %s;\n" % (kind, workdir / ("tmp_" + kind))
+                   for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return (
+        "%sworker_processes 1;\n"
+        "pid %s;\n"
+        "error_log %s info;\n"
+        "events { worker_connections 256; }\n"
+        "http {\n"
+        "    types { text/html html; text/css css; image/png png; }\n"
+        "    default_type application/octet-stream;\n"
+        "    access_log %s;\n"
+        "%s"
+        "    include %s;\n"
+        "}\n" % (user, workdir / "nginx.pid", workdir / "error.log", workdir / "access.log", temp, site_file))
+
+
+def write_nginx_config(directory, site):
+    """DIRECTORY/site.conf holding SITE and DIRECTORY/nginx.conf around it: the latter's path."""
+    (directory / "site.conf").write_text(site)
+    (directory / "nginx.conf").write_text(nginx_main_config(directory, directory / "site.conf"))
+    return directory / "nginx.conf"
+
+
+def nginx_config_test(directory, site):
+    """`nginx -t` on SITE inside the minimal nginx.conf: the CompletedProcess (text)."""
+    conf = write_nginx_config(directory, site)
+    return subprocess.run([nginx_path(), "-t", "-p", str(directory), "-c", str(conf),
+                           "-e", str(directory / "error.log")], capture_output=True, text=True, timeout=30)
+
+
+def start_nginx(workdir, site_for, ports=2, logs=lambda: ""):
+    """nginx running the site SITE_FOR(directory, *PORTS free loopback ports) gives,
+    in a fresh folder under WORKDIR, once it has bound its ports (pid file written)
+    and answers on the last of them: (process, directory, ports). A free port may be
+    taken by someone else before nginx binds it: three tries. LOGS adds to errors."""
+    for attempt in range(3):
+        directory = workdir / ("nginx%d" % attempt)
+        directory.mkdir(parents=True)
+        chosen = [free_port() for _ in range(ports)]
+        conf = write_nginx_config(directory, site_for(directory, *chosen))
+        error_log = directory / "error.log"
+        with open(directory / "stderr.log", "wb") as stderr:
+            proc = subprocess.Popen([nginx_path(), "-p", str(directory), "-c", str(conf),
+                                     "-e", str(error_log), "-g", "daemon off;"],
+                                    stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
+
+        def said():
+            text = error_log.read_text(errors="replace") if error_log.exists() else ""
+            return "nginx error.log:\n%s\n%s" % (text[-4000:], logs())
+        if wait_serving(proc, lambda: (directory / "nginx.pid").exists(), chosen[-1], "Address already in use",
+                        "nginx", lambda: "%s\n%s" % ((directory / "stderr.log").read_text(), said())):
+            return proc, directory, chosen
+    raise RuntimeError("nginx could not bind free ports:\n" + said())
+
+
+def wait_serving(proc, ready, port, busy, what, said, timeout=15):
+    """True once the server PROC is READY() and answers on loopback PORT; False if it
+    exited saying BUSY (its port was taken); else a RuntimeError about WHAT with SAID()."""
+    def up():
+        if proc.poll() is not None:
+            return "exited"
+        if ready():
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return "up"
+            except OSError:
+                pass
+        return None
+    try:
+        state = wait_until(up, timeout, what + " to start", interval=0.05)
+    except AssertionError:
+        stop_process(proc)
+        raise RuntimeError("%s did not start:\n%s" % (what, said()))
+    if state == "exited" and busy not in said():
+        raise RuntimeError("%s exited:\n%s" % (what, said()))
+    return state == "up"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium through Playwright (the browser is never downloaded)."""
+    need_browser()
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def new_context(browser):
+    """Factory for fresh browser contexts (own cookie jar), closed after the test."""
+    contexts = []
+
+    def make(**kwargs):
+        kwargs.setdefault("ignore_https_errors", True)  # the throw-away self-signed certificate
+        ctx = browser.new_context(**kwargs)
+        ctx.set_default_timeout(15000)
+        contexts.append(ctx)
+        return ctx
+
+    yield make
+    for ctx in contexts:
+        ctx.close()
+
+
+def login_in_browser(page, name, password):
+    page.get_by_label("User name").fill(name)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Sign in").click()
+
+
+def auth_cookie(context):
+    return next((c for c in context.cookies() if c["name"] == "authToken"), None)
+
+
+def decode(token):
+    import jwt
+    return jwt.decode(token, SECRET, algorithms=["HS256"])
+
+
+def aged(token, seconds=300):
+    """The same session, as if issued SECONDS ago (so authd refreshes it)."""
+    import jwt
+    claims = decode(token)
+    for claim in ("iat", "exp", "auth_time"):
+        claims[claim] -= seconds
+    old = jwt.encode(claims, SECRET, algorithm="HS256")
+    return old if isinstance(old, str) else old.decode()
+
+
+def signed_in_page(new_context, url, name, password):
+    """A fresh browser that asked for URL, signed in as NAME on the login page it got
+    instead, and is back at URL: (context, page)."""
+    ctx = new_context()
+    page = ctx.new_page()
+    page.goto(url)
+    login_in_browser(page, name, password)
+    page.wait_for_url(url)
+    return ctx, page

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import AUTHD, fast_hash, need, run_cli, write_users
+from conftest import AUTHD, fast_hash, login_in_browser, need, run_cli, wait_until, write_users
 
 P = "/__auth"
 TOKEN_RE = re.compile(r"authd_[A-Za-z0-9_-]{43}")
@@ -82,17 +82,6 @@ def bearer(token, **extra):
     headers = {"Authorization": "Bearer " + token}
     headers.update(extra)
     return headers
-
-
-def wait_until(cond, timeout=10, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for " + what)
-        time.sleep(0.05)
 
 
 def tokens_file(users_file):
@@ -168,9 +157,12 @@ def start(authd, tmp_path, users=None, env=None):
     return d
 
 
-def wait_token_works(d, token, path=P + "/auth"):
-    """After `token add` on a running server: the tokens file is re-read by its mtime."""
-    wait_until(lambda: d.request("GET", path, headers=bearer(token)).status == 200, what="the new token")
+def new_token(d, name, label, days=None):
+    """`token add` for the running server D, once D takes it (it re-reads the tokens
+    file by its mtime)."""
+    token = add_token(d.users_file, name, label=label, days=days)
+    wait_until(lambda: d.request("GET", P + "/auth", headers=bearer(token)).status == 200, what="the new token")
+    return token
 
 
 def healthy(d):
@@ -345,8 +337,7 @@ def test_two_factor_user_cannot_use_a_password_but_can_use_a_token(tmp_path, aut
     assert r.status == 401, r
     challenge(r)
     assert d.request("GET", P + "/auth", headers=basic("dave", "wrong")).status == 401
-    token = add_token(d.users_file, "dave", label="ci")
-    wait_token_works(d, token)
+    token = new_token(d, "dave", "ci")
     r = d.request("GET", P + "/auth", headers=basic("dave", token))
     assert r.status == 200 and r.headers["x-auth-user"] == "dave", r
 
@@ -433,10 +424,7 @@ def test_concurrent_token_adds_lose_nothing(tmp_path):
 
 def test_bearer_and_token_as_basic_password_cost_no_hash(tmp_path, authd):
     d = start(authd, tmp_path)
-    alice = add_token(d.users_file, "alice", label="laptop")
-    bob = add_token(d.users_file, "bob", label="ci")
-    wait_token_works(d, alice)
-    wait_token_works(d, bob)
+    alice, bob = new_token(d, "alice", "laptop"), new_token(d, "bob", "ci")
     h = hashes(d)
     for _ in range(3):
         r = d.request("GET", P + "/auth", headers=bearer(alice))
@@ -459,8 +447,7 @@ def test_bearer_and_token_as_basic_password_cost_no_hash(tmp_path, authd):
 def test_token_revoke_takes_effect_on_a_running_server(tmp_path, authd):
     d = start(authd, tmp_path)
     keep = add_token(d.users_file, "alice", label="keep")
-    gone = add_token(d.users_file, "alice", label="gone")
-    wait_token_works(d, gone)
+    gone = new_token(d, "alice", "gone")
     r = token_cli(d.users_file, "revoke", "alice", "gone")
     assert r.returncode == 0, r.stderr
     wait_until(lambda: d.request("GET", P + "/auth", headers=bearer(gone)).status == 401, what="revocation")
@@ -471,10 +458,7 @@ def test_token_revoke_takes_effect_on_a_running_server(tmp_path, authd):
 
 def test_passwd_and_deluser_revoke_tokens(tmp_path, authd):
     d = start(authd, tmp_path)
-    alice = add_token(d.users_file, "alice", label="a")
-    bob = add_token(d.users_file, "bob", label="b")
-    wait_token_works(d, alice)
-    wait_token_works(d, bob)
+    alice, bob = new_token(d, "alice", "a"), new_token(d, "bob", "b")
     assert run_cli("passwd", "alice", "--users", d.users_file, input="fresh-pw\n").returncode == 0
     wait_until(lambda: d.request("GET", P + "/auth", headers=bearer(alice)).status == 401,
                what="a password change revoking the token")
@@ -489,14 +473,12 @@ def test_passwd_and_deluser_revoke_tokens(tmp_path, authd):
     assert d.request("GET", P + "/auth", headers=bearer(bob)).status == 401
     assert d.request("GET", P + "/auth", headers=bearer(alice)).status == 401
     # a new token for the new password works
-    fresh = add_token(d.users_file, "alice", label="after")
-    wait_token_works(d, fresh)
+    fresh = new_token(d, "alice", "after")
 
 
 def test_expired_token_is_refused(tmp_path, authd):
     d = start(authd, tmp_path)
-    token = add_token(d.users_file, "alice", label="short", days=1)
-    wait_token_works(d, token)
+    token = new_token(d, "alice", "short", days=1)
     digest = hashlib.sha256(token.encode("ascii")).hexdigest()
     path = tokens_file(d.users_file)
     lines = path.read_text().splitlines(True)
@@ -516,8 +498,7 @@ def test_expired_token_is_refused(tmp_path, authd):
 
 def test_broken_tokens_file_keeps_the_tokens_it_had(tmp_path, authd):
     d = start(authd, tmp_path)
-    token = add_token(d.users_file, "alice", label="x")
-    wait_token_works(d, token)
+    token = new_token(d, "alice", "x")
     path = tokens_file(d.users_file)
     path.write_text(path.read_text() + "this line is not a token line\n")
     d.wait_log(r"tokens\.txt.*line \d")
@@ -529,8 +510,7 @@ def test_basic_and_token_answers_are_never_micro_cached(tmp_path, authd):
     """nginx's opt-in micro-cache keys on the cookie: an Authorization answer
     stored there would be served to the next client without a cookie."""
     d = start(authd, tmp_path, env={"AUTH_CACHE_SECONDS": "5"})
-    token = add_token(d.users_file, "alice", label="c")
-    wait_token_works(d, token)
+    token = new_token(d, "alice", "c")
     r = d.auth(d.login("bob", PW["bob"]))
     assert r.status == 200 and "x-accel-expires" in r.headers, "the cache setting is on for cookies"
     for headers in (basic("alice", PW["alice"]), basic("alice", PW["alice"]), bearer(token), basic("alice", token)):
@@ -610,10 +590,7 @@ def test_cookie_sessions_unchanged(tmp_path, authd):
 def test_metrics_only_for_an_app_token_of_admin_or_metrics(tmp_path, authd):
     d = start(authd, tmp_path, env={"AUTH_BYPASS": BYPASS})
     admin = add_token(d.users_file, "alice", label="prom")
-    plain = add_token(d.users_file, "carol", label="prom")
-    staff = add_token(d.users_file, "bob", label="prom")
-    wait_token_works(d, staff)
-    wait_token_works(d, plain)
+    plain, staff = new_token(d, "carol", "prom"), new_token(d, "bob", "prom")
     for token in (d.metrics_token, admin):
         assert scrape(d, token).type_of("authd_auth_requests") == "counter"
     # the token as the password of a Basic pair (Prometheus' basic_auth) works too
@@ -742,8 +719,7 @@ def test_login_counters(tmp_path, authd):
 def test_auth_counters_exact_after_8_threads_doing_10000_requests(tmp_path, authd):
     d = start(authd, tmp_path, env={"AUTH_BYPASS": BYPASS})
     alice_cookie, bob_cookie = d.login("alice", PW["alice"]), d.login("bob", PW["bob"])
-    token = add_token(d.users_file, "carol", label="load")
-    wait_token_works(d, token)
+    token = new_token(d, "carol", "load")
     assert d.request("GET", P + "/auth", headers=basic("bob", PW["bob"])).status == 200  # remembered from now on
     kinds = {  # result: (path, headers, status)
         "allow": (P + "/auth", {"Cookie": "authToken=" + alice_cookie}, 200),
@@ -852,8 +828,7 @@ def test_hostile_values_cost_no_hash_and_leave_nothing_behind(tmp_path, authd):
 
 def test_revoked_expired_and_foreign_tokens_as_basic_passwords(tmp_path, authd):
     d = start(authd, tmp_path)
-    token = add_token(d.users_file, "alice", label="x")
-    wait_token_works(d, token)
+    token = new_token(d, "alice", "x")
     flipped = token[:-1] + ("A" if token[-1] != "A" else "B")
     h = hashes(d)
     for headers in (basic("alice", flipped), bearer(flipped), basic("bob", token)):
@@ -960,20 +935,14 @@ def tool_checks():
 
 
 @pytest.fixture(scope="module")
-def api_site(tmp_path_factory):
-    import test_e2e
-    test_e2e.require_tools()
+def api_site(nginx_tools, cert, tmp_path_factory):
+    from test_e2e import Site
     tool_checks()
     workdir = tmp_path_factory.mktemp("api-site")
-    cert = test_e2e.make_cert(workdir)
-    site = test_e2e.Site(workdir / "site", *cert)
+    site = Site(workdir / "site", *cert)
     try:
-        users = site.authd.users_file
-        site.tokens = {name: add_token(users, name, label="api") for name in ("alice", "bob")}
-        site.metrics_token = add_token(users, "alice", label="prometheus")
-        for token in site.tokens.values():
-            wait_until(lambda: site.authd.request("GET", P + "/auth", headers=bearer(token)).status == 200,
-                       what="the site's tokens")
+        site.tokens = {name: new_token(site.authd, name, "api") for name in ("alice", "bob")}
+        site.metrics_token = new_token(site.authd, "alice", "prometheus")
         site.repo = make_repo(site.root / "static" / "repo.git", workdir / "src")
         yield site
     finally:
@@ -1106,41 +1075,30 @@ def test_browser_gets_the_login_page_with_401_and_never_a_challenge(api_site):
     no_challenge(r)
 
 
-def test_chromium_sees_401_login_page_and_no_basic_dialog(api_site):
-    import test_e2e
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=test_e2e.CHROMIUM, headless=True, args=test_e2e.CHROMIUM_ARGS)
-        try:
-            ctx = browser.new_context(ignore_https_errors=True)
-            page = ctx.new_page()
-            responses = []
-            page.on("response", lambda resp: responses.append(resp))
-            nav = page.goto(api_site.url + "/static/page.html")
-            assert nav.status == 401
-            assert "www-authenticate" not in nav.all_headers()
-            assert page.get_by_label("Password").is_visible()
-            assert all("www-authenticate" not in resp.all_headers() for resp in responses)
-            test_e2e.login_in_browser(page, "carol", "carol-pw-3")
-            page.wait_for_url(api_site.url + "/static/page.html")
-            assert page.locator("#marker").inner_text() == "Protected static page"
-            ctx.close()
-        finally:
-            browser.close()
+def test_chromium_sees_401_login_page_and_no_basic_dialog(api_site, browser):
+    ctx = browser.new_context(ignore_https_errors=True)
+    page = ctx.new_page()
+    responses = []
+    page.on("response", lambda resp: responses.append(resp))
+    nav = page.goto(api_site.url + "/static/page.html")
+    assert nav.status == 401
+    assert "www-authenticate" not in nav.all_headers()
+    assert page.get_by_label("Password").is_visible()
+    assert all("www-authenticate" not in resp.all_headers() for resp in responses)
+    login_in_browser(page, "carol", "carol-pw-3")
+    page.wait_for_url(api_site.url + "/static/page.html")
+    assert page.locator("#marker").inner_text() == "Protected static page"
+    ctx.close()
 
 
-def test_micro_cache_never_hands_a_basic_answer_to_someone_else(tmp_path):
+def test_micro_cache_never_hands_a_basic_answer_to_someone_else(nginx_tools, cert, tmp_path):
     """The example config with its micro-cache switched on: after a client got in
     with Basic or a token, a client without credentials still gets 401."""
-    import test_e2e
-    test_e2e.require_tools()
+    from test_e2e import Site
     tool_checks()
-    cert = test_e2e.make_cert(tmp_path)
-    site = test_e2e.Site(tmp_path / "site", *cert, authd_env={"AUTH_CACHE_SECONDS": "30"}, cache=True)
+    site = Site(tmp_path / "site", *cert, authd_env={"AUTH_CACHE_SECONDS": "30"}, cache=True)
     try:
-        token = add_token(site.authd.users_file, "alice", label="c")
-        wait_until(lambda: site.authd.request("GET", P + "/auth", headers=bearer(token)).status == 200,
-                   what="the token")
+        token = new_token(site.authd, "alice", "c")
         url = site.url + "/static/page.html"
         for args in (["-u", "alice:alice-pw-1"], ["-H", "Authorization: Bearer " + token]):
             for _ in range(2):

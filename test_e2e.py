@@ -15,34 +15,23 @@ on a developer machine and fail them in CI (CI=true).
 
 Screenshots of the login page land in test-artifacts/ (gitignored).
 """
-import html
 import http.client
-import http.server
-import importlib.util
 import json
 import os
 import re
-import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import HERE, SECRET, Authd, fast_hash, free_port, need, send, tcp_sockets, wait_until
+from conftest import (ARTIFACTS, HERE, Authd, EchoApp, aged, auth_cookie, decode, echo_of, fast_hash, free_port,
+                      local_nginx, login_in_browser, need, nginx_config_test, send, signed_in_page, start_nginx,
+                      stop_all, substitute, tcp_sockets, wait_until)
 
 EXAMPLE = HERE / "nginx.example.conf"
-ARTIFACTS = HERE / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-                 # the screenshots show a real-looking host name: example.com is 127.0.0.1 for this browser
-                 "--host-resolver-rules=MAP example.com 127.0.0.1"]
 BYPASS = "bypass-value-for-monitoring-0123456789"
 PASSWORDS = {"alice": "alice-pw-1", "bob": "bob-pw-2", "carol": "carol-pw-3"}
 USERS = [  # alice: admin; bob: staff; carol: neither
@@ -65,149 +54,20 @@ STAFF_HTML = b"<!doctype html><title>Staff</title><h1>Staff only page</h1>\n"
 
 
 # ---------------------------------------------------------------------------
-# tools
-# ---------------------------------------------------------------------------
-
-def nginx_path():
-    """$AUTHD_TEST_NGINX if set, else nginx on PATH or in /usr/sbin (not on a
-    normal user's PATH on Debian); None when missing."""
-    explicit = os.environ.get("AUTHD_TEST_NGINX")
-    if explicit:
-        return explicit if os.access(explicit, os.X_OK) else None
-    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin:/sbin")
-
-
-def require_tools():
-    """need() each external tool: skip locally, fail in CI."""
-    need(nginx_path(), "nginx is not installed (Debian: apt-get install nginx-light)")
-    need(os.access(CHROMIUM, os.X_OK), "%s is missing (Debian: apt-get install chromium)" % CHROMIUM)
-    need(importlib.util.find_spec("playwright") is not None,
-         "the playwright Python package is missing (pip install -r requirements-test.txt)")
-    need(shutil.which("openssl"), "openssl is missing (Debian: apt-get install openssl)")
-
-
-@pytest.fixture(scope="module")
-def tools():
-    require_tools()
-
-
-# ---------------------------------------------------------------------------
-# the upstream app: echoes what nginx sent it
-# ---------------------------------------------------------------------------
-
-class EchoApp:
-    """A tiny HTTP/1.1 upstream on a free loopback port. Every request is
-    recorded and answered with an HTML page whose <pre id=echo> holds JSON:
-    method, path, headers (name -> list of values, so a duplicate shows)."""
-
-    def __init__(self):
-        self.requests = []
-        app = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def handle_any(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                headers = {}
-                for name, value in self.headers.items():
-                    headers.setdefault(name.lower(), []).append(value)
-                record = {"method": self.command, "path": self.path, "headers": headers,
-                          "body": body.decode("latin-1")}
-                app.requests.append(record)
-                page = ("<!doctype html><html><head><title>App page</title></head><body>"
-                        "<h1>App page %s</h1><pre id=\"echo\">%s</pre></body></html>"
-                        % (html.escape(self.path), html.escape(json.dumps(record)))).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(page)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(page)
-
-            do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = handle_any
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def paths(self):
-        return [r["path"] for r in self.requests]
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def echo_of(body):
-    """The JSON record out of an EchoApp page."""
-    m = re.search(rb'<pre id="echo">(.*?)</pre>', body, re.S)
-    assert m, body[:500]
-    return json.loads(html.unescape(m.group(1).decode()))
-
-
-# ---------------------------------------------------------------------------
 # nginx with the example config
 # ---------------------------------------------------------------------------
-
-def substitute(text, old, new, count=1):
-    found = text.count(old)
-    assert found == count, "nginx.example.conf changed: expected %d x %r, found %d" % (count, old, found)
-    return text.replace(old, new)
-
 
 def site_config(example, *, http_port, https_port, authd_port, app_port, root, cert, key,
                 cache_dir=None):
     """nginx.example.conf with ports, paths and upstream addresses made local."""
-    text = example
-    text = substitute(text, "listen 80;", "listen 127.0.0.1:%d;" % http_port)
-    text = substitute(text, "listen 443 ssl;", "listen 127.0.0.1:%d ssl;" % https_port)
-    text = substitute(text, "server 127.0.0.1:3003;", "server 127.0.0.1:%d;" % authd_port)
-    text = substitute(text, "server 127.0.0.1:8080;", "server 127.0.0.1:%d;" % app_port)
-    text = substitute(text, "/etc/letsencrypt/live/example.com/fullchain.pem", str(cert))
-    text = substitute(text, "/etc/letsencrypt/live/example.com/privkey.pem", str(key))
+    text = local_nginx(example, http_port=http_port, https_port=https_port, authd_port=authd_port,
+                       app_port=app_port, cert=cert, key=key)
     text = substitute(text, "root /var/www/example;", "root %s;" % root)
     if cache_dir is not None:  # the opt-in micro-cache, uncommented as the file says
         assert text.count("#~ ") >= 11, "the micro-cache lines (#~) are gone from nginx.example.conf"
         text = text.replace("#~ ", "")
         text = substitute(text, "/var/cache/nginx/authd", str(cache_dir))
     return text
-
-
-def main_config(workdir, site_file):
-    """The minimal nginx.conf around the site: everything nginx writes stays in WORKDIR."""
-    user = ""
-    if os.geteuid() == 0:  # as root, workers would run as nobody and could not read the tmp dir
-        user = "user root;\n"
-    temp = "".join("    %s_temp_path %s;\n" % (kind, workdir / ("tmp_" + kind))
-                   for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    return (
-        "%sworker_processes 1;\n"
-        "pid %s;\n"
-        "error_log %s info;\n"
-        "events { worker_connections 256; }\n"
-        "http {\n"
-        "    types { text/html html; text/css css; image/png png; }\n"
-        "    default_type application/octet-stream;\n"
-        "    access_log %s;\n"
-        "%s"
-        "    include %s;\n"
-        "}\n" % (user, workdir / "nginx.pid", workdir / "error.log", workdir / "access.log", temp, site_file))
-
-
-def make_cert(directory):
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:example.com",
-                    "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
-    return cert, key
 
 
 def make_static_tree(root):
@@ -222,75 +82,38 @@ def make_static_tree(root):
 class Site:
     """authd + the echo app + nginx running nginx.example.conf, all on loopback."""
 
-    def __init__(self, workdir, cert, key, authd_env=None, cache=False):
+    def __init__(self, workdir, cert, key, authd_env=None, cache=False, users=USERS):
         self.workdir = workdir = Path(workdir)
-        self.nginx = self.app = self.authd = None
+        self.nginx = self.app = self.authd = self.error_log = None
         try:
             (workdir / "authd").mkdir(parents=True)
             env = {"AUTH_LOGIN_RATE": "1000/900"}  # many logins from 127.0.0.1 in one module
             env.update(authd_env or {})
-            self.authd = Authd(workdir / "authd", users=USERS, env=env)
+            self.authd = Authd(workdir / "authd", users=users, env=env)
             self.app = EchoApp()
             self.root = workdir / "www"
             make_static_tree(self.root)
-            for attempt in range(3):  # a free port may be taken by someone else before nginx binds it
-                nginx_dir = workdir / ("nginx" if attempt == 0 else "nginx%d" % attempt)
-                nginx_dir.mkdir()
-                self.error_log = nginx_dir / "error.log"
-                self.http_port, self.https_port = free_port(), free_port()
-                site = site_config(EXAMPLE.read_text(), http_port=self.http_port, https_port=self.https_port,
+
+            def site(directory, http_port, https_port):
+                self.error_log = directory / "error.log"
+                return site_config(EXAMPLE.read_text(), http_port=http_port, https_port=https_port,
                                    authd_port=self.authd.port, app_port=self.app.port, root=self.root,
                                    cert=cert, key=key, cache_dir=(workdir / "cache") if cache else None)
-                (nginx_dir / "site.conf").write_text(site)
-                (nginx_dir / "nginx.conf").write_text(main_config(nginx_dir, nginx_dir / "site.conf"))
-                with open(nginx_dir / "stderr.log", "wb") as stderr:
-                    self.nginx = subprocess.Popen(
-                        [nginx_path(), "-p", str(nginx_dir), "-c", str(nginx_dir / "nginx.conf"),
-                         "-e", str(self.error_log), "-g", "daemon off;"],
-                        stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
-                if self._wait_listening(nginx_dir):
-                    break
-            else:
-                raise RuntimeError("nginx could not bind free ports:\n" + self.logs())
+            self.nginx, _, (self.http_port, self.https_port) = start_nginx(workdir, site, logs=self.authd_log)
         except BaseException:
             self.stop()
             raise
         self.url = "https://127.0.0.1:%d" % self.https_port
 
-    def _wait_listening(self, nginx_dir, timeout=15):
-        """True once nginx has bound its ports (pid file written) and answers;
-        False if it exited because a port was in use; else an error."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.nginx.poll() is not None:
-                if "Address already in use" in self.logs():
-                    return False
-                raise RuntimeError("nginx exited:\n%s\n%s" % ((nginx_dir / "stderr.log").read_text(), self.logs()))
-            if (nginx_dir / "nginx.pid").exists():
-                try:
-                    with socket.create_connection(("127.0.0.1", self.https_port), timeout=1):
-                        return True
-                except OSError:
-                    pass
-            time.sleep(0.05)
-        raise RuntimeError("nginx did not start:\n" + self.logs())
+    def authd_log(self):
+        return "authd log:\n%s" % (self.authd.log()[-4000:] if self.authd else "")
 
     def logs(self):
-        text = self.error_log.read_text(errors="replace") if self.error_log.exists() else ""
-        return "nginx error.log:\n%s\nauthd log:\n%s" % (text[-4000:], self.authd.log()[-4000:] if self.authd else "")
+        text = self.error_log.read_text(errors="replace") if self.error_log and self.error_log.exists() else ""
+        return "nginx error.log:\n%s\n%s" % (text[-4000:], self.authd_log())
 
     def stop(self):
-        if self.nginx is not None and self.nginx.poll() is None:
-            self.nginx.send_signal(signal.SIGTERM)
-            try:
-                self.nginx.wait(10)
-            except subprocess.TimeoutExpired:
-                self.nginx.kill()
-                self.nginx.wait()
-        if self.app is not None:
-            self.app.stop()
-        if self.authd is not None:
-            self.authd.stop()
+        stop_all(self.nginx, self.app, self.authd)
 
     # -- plain HTTPS requests through nginx (no redirects followed) ----------
 
@@ -315,79 +138,27 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def cert(tools, tmp_path_factory):
-    return make_cert(tmp_path_factory.mktemp("cert"))
-
-
-@pytest.fixture(scope="module")
-def site(tools, cert, tmp_path_factory):
+def site(nginx_tools, cert, tmp_path_factory):
     """The shared site: authd with AUTH_BYPASS set."""
     s = Site(tmp_path_factory.mktemp("site"), *cert, authd_env={"AUTH_BYPASS": BYPASS})
     yield s
     s.stop()
 
 
-@pytest.fixture(scope="module")
-def browser(tools):
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def new_context(browser):
-    """Factory for fresh browser contexts (own cookie jar), closed after the test."""
-    contexts = []
-
-    def make(**kwargs):
-        kwargs.setdefault("ignore_https_errors", True)  # the throw-away self-signed certificate
-        ctx = browser.new_context(**kwargs)
-        ctx.set_default_timeout(15000)
-        contexts.append(ctx)
-        return ctx
-
-    yield make
-    for ctx in contexts:
-        ctx.close()
-
-
 def is_login_page(body):
     return b'name="username"' in body and b'name="password"' in body and b'action="/__auth/login"' in body
 
 
-def login_in_browser(page, name, password):
-    page.get_by_label("User name").fill(name)
-    page.get_by_label("Password").fill(password)
-    page.get_by_role("button", name="Sign in").click()
-
-
-def signed_in_page(new_context, site, path, name):
-    """A fresh browser that asked for PATH, signed in as NAME on the login page it got
-    instead, and is back at PATH: (context, page)."""
-    ctx = new_context()
-    page = ctx.new_page()
-    page.goto(site.url + path)
-    login_in_browser(page, name, PASSWORDS[name])
-    page.wait_for_url(site.url + path)
-    return ctx, page
-
-
-def decode(token):
-    import jwt
-    return jwt.decode(token, SECRET, algorithms=["HS256"])
-
-
-def auth_cookie(context):
-    return next((c for c in context.cookies() if c["name"] == "authToken"), None)
+def signed_in(new_context, site, path, name):
+    """conftest.signed_in_page at PATH of SITE."""
+    return signed_in_page(new_context, site.url + path, name, PASSWORDS[name])
 
 
 # ---------------------------------------------------------------------------
 # the config itself
 # ---------------------------------------------------------------------------
 
-def test_example_config_passes_nginx_t_with_and_without_micro_cache(tools, cert, tmp_path):
+def test_example_config_passes_nginx_t_with_and_without_micro_cache(nginx_tools, cert, tmp_path):
     """`nginx -t` on the example as shipped (only ports/paths local) and with
     the commented-out micro-cache switched on as the file describes."""
     for cache in (False, True):
@@ -395,10 +166,7 @@ def test_example_config_passes_nginx_t_with_and_without_micro_cache(tools, cert,
         d.mkdir()
         site = site_config(EXAMPLE.read_text(), http_port=free_port(), https_port=free_port(), authd_port=3003,
                            app_port=8080, root=d, cert=cert[0], key=cert[1], cache_dir=(d / "c") if cache else None)
-        (d / "site.conf").write_text(site)
-        (d / "nginx.conf").write_text(main_config(d, d / "site.conf"))
-        r = subprocess.run([nginx_path(), "-t", "-p", str(d), "-c", str(d / "nginx.conf"),
-                            "-e", str(d / "error.log")], capture_output=True, text=True, timeout=30)
+        r = nginx_config_test(d, site)
         assert r.returncode == 0 and "test is successful" in r.stderr, r.stderr
 
 
@@ -460,21 +228,13 @@ def test_plain_http_is_redirected_to_https(site):
 # ---------------------------------------------------------------------------
 
 def test_cookie_is_httponly_and_secure_in_the_browser(site, new_context):
-    ctx, page = signed_in_page(new_context, site, "/some/page", "bob")
+    ctx, page = signed_in(new_context, site, "/some/page", "bob")
     cookie = auth_cookie(ctx)
     assert cookie is not None
     assert cookie["httpOnly"] is True and cookie["secure"] is True
     assert cookie["sameSite"] == "Lax" and cookie["path"] == "/"
     assert decode(cookie["value"])["sub"] == "bob"
     assert "authToken" not in page.evaluate("document.cookie")
-
-
-def aged(token, seconds=120):
-    import jwt
-    claims = decode(token)  # as if the login and the token were SECONDS older
-    for claim in ("iat", "exp", "auth_time"):
-        claims[claim] -= seconds
-    return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
 def test_fresh_token_is_not_reissued_through_nginx(site):
@@ -485,7 +245,7 @@ def test_fresh_token_is_not_reissued_through_nginx(site):
 
 
 def test_aged_token_is_refreshed_through_nginx(site):
-    old = aged(site.login("bob"))
+    old = aged(site.login("bob"), 120)
     assert time.time() - decode(old)["iat"] > 60
     r = site.fetch("GET", "/some/page?y=2", token=old)
     assert r.status == 200, r
@@ -498,7 +258,7 @@ def test_aged_token_is_refreshed_through_nginx(site):
     assert len(set_cookie) == 1
     assert {"HttpOnly", "Secure", "Path=/", "SameSite=Lax"} <= {p.strip() for p in set_cookie[0].split(";")}
     # refresh on static files too (they have no proxy, only the inherited add_header)
-    r = site.fetch("GET", "/static/site.css", token=aged(new))
+    r = site.fetch("GET", "/static/site.css", token=aged(new, 120))
     assert r.status == 200 and r.body == CSS and r.cookie(), r
 
 
@@ -560,10 +320,10 @@ def test_admin_location(site):
 
 
 def test_admin_location_in_browser(site, new_context):
-    _, page = signed_in_page(new_context, site, "/admin/panel", "carol")
+    _, page = signed_in(new_context, site, "/admin/panel", "carol")
     assert "403" in page.content()
     assert "App page" not in page.content()
-    _, page2 = signed_in_page(new_context, site, "/admin/panel", "alice")
+    _, page2 = signed_in(new_context, site, "/admin/panel", "alice")
     assert page2.locator("h1").inner_text() == "App page /admin/panel"
 
 
@@ -593,7 +353,7 @@ def test_subrequest_endpoints_are_internal_and_pages_are_public(site):
 # ---------------------------------------------------------------------------
 
 def test_logout_in_browser_then_login_is_asked_again(site, new_context):
-    ctx, page = signed_in_page(new_context, site, "/some/page", "bob")
+    ctx, page = signed_in(new_context, site, "/some/page", "bob")
     page.goto(site.url + "/__auth/")
     assert "bob" in page.locator("main").inner_text()
     page.get_by_role("button", name="Sign out").click()
@@ -645,7 +405,7 @@ def test_bypass_header_through_nginx_when_set(site):
         assert is_login_page(r.body), (wrong, r)
 
 
-def test_bypass_header_does_nothing_when_not_configured(tools, cert, tmp_path):
+def test_bypass_header_does_nothing_when_not_configured(nginx_tools, cert, tmp_path):
     s = Site(tmp_path, *cert, authd_env={})
     try:
         for value in (BYPASS, "", "true"):
@@ -687,7 +447,7 @@ def test_static_page_renders_with_its_assets_after_login(site, new_context):
 # the opt-in micro-cache, switched on as the example describes
 # ---------------------------------------------------------------------------
 
-def test_micro_cache_serves_allows_and_never_denials(tools, cert, tmp_path):
+def test_micro_cache_serves_allows_and_never_denials(nginx_tools, cert, tmp_path):
     s = Site(tmp_path, *cert, authd_env={"AUTH_CACHE_SECONDS": "300", "AUTH_BYPASS": BYPASS}, cache=True)
     try:
         token = s.login("carol")
@@ -729,7 +489,7 @@ def loopback_tcp_states(port):
     return states
 
 
-def test_auth_subrequests_reuse_upstream_connections(tools, cert, tmp_path):
+def test_auth_subrequests_reuse_upstream_connections(nginx_tools, cert, tmp_path):
     need(os.path.exists("/proc/net/tcp"), "/proc/net/tcp is needed to watch connections")
     s = Site(tmp_path, *cert)
     try:

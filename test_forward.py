@@ -39,32 +39,24 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import signal
 import socket
 import ssl
 import subprocess
-import sys
-import threading
-import time
 import urllib.parse
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from conftest import HERE, SECRET, Authd, Response, fast_hash, need, run_cli
+import conftest
+from conftest import (ARTIFACTS, HERE, SECRET, Authd, EchoApp, Response, aged, auth_cookie, decode, echo_of,
+                      fast_hash, free_port, local_nginx, need, need_browser, nginx_config_test, run_cli, send, signed_in_page,
+                      start_nginx, stop_all, substitute, wait_serving)
 
 CADDYFILE = HERE / "Caddyfile.example"
 TRAEFIK = HERE / "contrib" / "traefik" / "authd.yml"
 CENTRAL = HERE / "contrib" / "nginx" / "central-login.conf"
-ARTIFACTS = HERE / "test-artifacts"
 CADDY = "/usr/bin/caddy"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-                 # every name under example.com is this machine, for this browser only
-                 "--host-resolver-rules=MAP example.com 127.0.0.1, MAP *.example.com 127.0.0.1"]
 PREFIX = "/__auth"
 BYPASS = "bypass-value-for-monitoring-0123456789"
 PASSWORDS = {"alice": "alice-pw-1", "bob": "bob-pw-2", "carol": "carol-pw-3"}
@@ -87,133 +79,10 @@ BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.
 # tools, shared pieces
 # ---------------------------------------------------------------------------
 
-def nginx_path():
-    explicit = os.environ.get("AUTHD_TEST_NGINX")
-    if explicit:
-        return explicit if os.access(explicit, os.X_OK) else None
-    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin:/sbin")
-
-
-def need_browser():
-    need(os.access(CHROMIUM, os.X_OK), "%s is missing (Debian: apt-get install chromium)" % CHROMIUM)
-    need(importlib.util.find_spec("playwright") is not None,
-         "the playwright Python package is missing (pip install -r requirements-test.txt)")
-    need(shutil.which("openssl"), "openssl is missing (Debian: apt-get install openssl)")
-
-
 @pytest.fixture(scope="module")
 def caddy_tools():
     need(os.access(CADDY, os.X_OK), "%s is missing (Debian: apt-get install caddy)" % CADDY)
     need_browser()
-
-
-@pytest.fixture(scope="module")
-def nginx_tools():
-    need(nginx_path(), "nginx is not installed (Debian: apt-get install nginx-light)")
-    need_browser()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def substitute(text, old, new, count=1):
-    found = text.count(old)
-    assert found == count, "example changed: expected %d x %r, found %d" % (count, old, found)
-    return text.replace(old, new)
-
-
-def wait_for(condition, what, timeout=15):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for " + what)
-
-
-def stop_process(proc, sig=signal.SIGTERM):
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-class EchoApp:
-    """A tiny upstream on a free loopback port: every request is recorded and
-    answered with an HTML page whose <pre id=echo> holds JSON (method, path,
-    headers as name -> list of values, so a duplicate shows)."""
-
-    def __init__(self, name="App"):
-        import html
-        import http.server
-        self.requests = []
-        app = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def handle_any(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    self.rfile.read(length)
-                headers = {}
-                for key, value in self.headers.items():
-                    headers.setdefault(key.lower(), []).append(value)
-                record = {"method": self.command, "path": self.path, "headers": headers}
-                app.requests.append(record)
-                page = ("<!doctype html><html><head><title>%s page</title></head><body>"
-                        "<h1>%s page %s</h1><pre id=\"echo\">%s</pre></body></html>"
-                        % (name, name, html.escape(self.path), html.escape(json.dumps(record)))).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(page)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(page)
-
-            do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = handle_any
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def echo_of(body):
-    import html
-    m = re.search(rb'<pre id="echo">(.*?)</pre>', body, re.S)
-    assert m, body[:500]
-    return json.loads(html.unescape(m.group(1).decode()))
-
-
-def make_cert(directory):
-    """A throw-away certificate for example.com and every name under it."""
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=example.com",
-                    "-addext", "subjectAltName=DNS:example.com,DNS:*.example.com,IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
-    return cert, key
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory):
-    need(shutil.which("openssl"), "openssl is missing (Debian: apt-get install openssl)")
-    return make_cert(tmp_path_factory.mktemp("cert"))
 
 
 def https_fetch(port, host, method, path, headers=None, body=None, cookie=None):
@@ -223,84 +92,23 @@ def https_fetch(port, host, method, path, headers=None, body=None, cookie=None):
     headers.setdefault("Host", "%s:%d" % (host, port))
     if cookie is not None:
         headers["Cookie"] = "authToken=" + cookie
-    if isinstance(body, dict):
-        body = json.dumps(body).encode()
-        headers.setdefault("Content-Type", "application/json")
     context = ssl._create_unverified_context()
-    raw = socket.create_connection(("127.0.0.1", port), timeout=20)
     conn = http.client.HTTPSConnection(host, port, timeout=20, context=context)
-    conn.sock = context.wrap_socket(raw, server_hostname=host)
-    try:
-        conn.request(method, path, body=body, headers=headers)
-        resp = conn.getresponse()
-        return Response(resp.status, resp.getheaders(), resp.read())
-    finally:
-        conn.close()
+    conn.sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=20), server_hostname=host)
+    return send(conn, method, path, headers, body)
 
 
 def http_fetch(port, host, path, headers=None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
-    try:
-        conn.request("GET", path, headers=dict({"Host": "%s:%d" % (host, port)}, **(headers or {})))
-        resp = conn.getresponse()
-        return Response(resp.status, resp.getheaders(), resp.read())
-    finally:
-        conn.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    need_browser()
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def new_context(browser):
-    contexts = []
-
-    def make(**kwargs):
-        kwargs.setdefault("ignore_https_errors", True)  # the throw-away certificate
-        ctx = browser.new_context(**kwargs)
-        ctx.set_default_timeout(15000)
-        contexts.append(ctx)
-        return ctx
-
-    yield make
-    for ctx in contexts:
-        ctx.close()
+    return send(http.client.HTTPConnection("127.0.0.1", port, timeout=20), "GET", path,
+                dict({"Host": "%s:%d" % (host, port)}, **(headers or {})))
 
 
 def login_in_browser(page, name, password=None):
-    page.get_by_label("User name").fill(name)
-    page.get_by_label("Password").fill(password or PASSWORDS[name])
-    page.get_by_role("button", name="Sign in").click()
+    conftest.login_in_browser(page, name, password or PASSWORDS[name])
 
 
 def is_login_page(page):
     return page.get_by_label("User name").count() == 1 and page.get_by_label("Password").count() == 1
-
-
-def auth_cookie(context):
-    return next((c for c in context.cookies() if c["name"] == "authToken"), None)
-
-
-def decode(token):
-    import jwt
-    return jwt.decode(token, SECRET, algorithms=["HS256"])
-
-
-def aged(token, seconds=300):
-    """The same session, as if issued SECONDS ago (so authd refreshes it)."""
-    import jwt
-    claims = decode(token)
-    for claim in ("iat", "exp", "auth_time"):
-        claims[claim] -= seconds
-    old = jwt.encode(claims, SECRET, algorithm="HS256")
-    return old if isinstance(old, str) else old.decode()
 
 
 def login_url_parts(location):
@@ -317,6 +125,27 @@ def assert_denied_page(page_or_body, name):
     assert re.search(r"(?i)sign in as someone else", text), text[:2000]
     assert re.search(r"(?i)>\s*back", text), text[:2000]
     assert 'name="password"' not in text
+
+
+def denied_in_browser(new_context, url):
+    """A fresh browser that asked for URL and signed in there as bob, reloading it:
+    authd's access-denied page, 403. (context, page, the reload's response)"""
+    ctx, page = signed_in_page(new_context, url, "bob", PASSWORDS["bob"])
+    response = page.reload()
+    assert response.status == 403
+    assert_denied_page(page.content(), "bob")
+    return ctx, page, response
+
+
+def sign_in_as_someone_else(ctx, page, login_url, url):
+    """On the access-denied page, "sign in as someone else": signed out, asked to
+    log in at LOGIN_URL, back at URL as alice."""
+    page.get_by_role("link", name=re.compile("sign in as someone else", re.I)).click()
+    page.wait_for_url(re.compile(re.escape(login_url) + r"\?"))
+    assert auth_cookie(ctx) is None
+    login_in_browser(page, "alice")
+    page.wait_for_url(url)
+    assert json.loads(page.locator("#echo").inner_text())["headers"]["x-auth-user"] == ["alice"]
 
 
 # ===========================================================================
@@ -385,31 +214,15 @@ class CaddySite:
             self.caddy = subprocess.Popen([CADDY, "run", "--config", str(directory / "Caddyfile"),
                                            "--adapter", "caddyfile"], stdin=subprocess.DEVNULL, stdout=out,
                                           stderr=out, env=caddy_env(directory), cwd=str(directory))
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.caddy.poll() is not None:
-                if "address already in use" in self.logs():
-                    return False
-                raise RuntimeError("Caddy exited:\n" + self.logs())
-            if "serving initial configuration" in self.logs():
-                try:
-                    with socket.create_connection(("127.0.0.1", self.https_port), timeout=1):
-                        return True
-                except OSError:
-                    pass
-            time.sleep(0.05)
-        raise RuntimeError("Caddy did not start:\n" + self.logs())
+        return wait_serving(self.caddy, lambda: "serving initial configuration" in self.logs(), self.https_port,
+                            "address already in use", "Caddy", self.logs, timeout=20)
 
     def logs(self):
         text = self.log_file.read_text(errors="replace") if getattr(self, "log_file", None) else ""
         return "caddy log:\n%s\nauthd log:\n%s" % (text[-6000:], self.authd.log()[-4000:] if self.authd else "")
 
     def stop(self):
-        stop_process(self.caddy)
-        if self.app is not None:
-            self.app.stop()
-        if self.authd is not None:
-            self.authd.stop()
+        stop_all(self.caddy, self.app, self.authd)
 
     def fetch(self, method, path, **kwargs):
         return https_fetch(self.https_port, "example.com", method, path, **kwargs)
@@ -520,26 +333,13 @@ def test_caddy_non_browser_clients_get_401(caddy_site):
 
 def test_caddy_non_admin_gets_the_styled_403_page(caddy_site, new_context):
     ARTIFACTS.mkdir(exist_ok=True)
-    ctx = new_context()
-    page = ctx.new_page()
-    page.goto(caddy_site.url + "/admin/settings?tab=2")
-    login_in_browser(page, "bob")
-    page.wait_for_url(caddy_site.url + "/admin/settings?tab=2")
-    response = page.reload()
-    assert response.status == 403
-    assert_denied_page(page.content(), "bob")
+    ctx, page, response = denied_in_browser(new_context, caddy_site.url + "/admin/settings?tab=2")
     assert "text/html" in response.headers["content-type"]
     assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
     # the house style: authd's own stylesheet applies (the card of the login page)
     assert page.locator("main").evaluate("e => getComputedStyle(e).borderTopStyle") == "solid"
     page.screenshot(path=str(ARTIFACTS / "forbidden-caddy.png"))
-    # "sign in as someone else": signed out, asked to log in, back to the page as alice
-    page.get_by_role("link", name=re.compile("sign in as someone else", re.I)).click()
-    page.wait_for_url(re.compile(re.escape(caddy_site.url + PREFIX + "/login") + r"\?"))
-    assert auth_cookie(ctx) is None
-    login_in_browser(page, "alice")
-    page.wait_for_url(caddy_site.url + "/admin/settings?tab=2")
-    assert json.loads(page.locator("#echo").inner_text())["headers"]["x-auth-user"] == ["alice"]
+    sign_in_as_someone_else(ctx, page, caddy_site.url + PREFIX + "/login", caddy_site.url + "/admin/settings?tab=2")
 
 
 def test_caddy_403_without_browser(caddy_site):
@@ -552,11 +352,7 @@ def test_caddy_403_without_browser(caddy_site):
 
 
 def test_caddy_logout(caddy_site, new_context):
-    ctx = new_context()
-    page = ctx.new_page()
-    page.goto(caddy_site.url + "/a")
-    login_in_browser(page, "carol")
-    page.wait_for_url(caddy_site.url + "/a")
+    ctx, page = signed_in_page(new_context, caddy_site.url + "/a", "carol", PASSWORDS["carol"])
     page.goto(caddy_site.url + PREFIX + "/")
     assert "carol" in page.locator("main").inner_text()
     page.get_by_role("button", name="Sign out").click()
@@ -797,14 +593,9 @@ def test_traefik_pages_router_strips_client_claims(traefik_authd):
 # ===========================================================================
 
 def central_config(example, *, http_port, https_port, authd_port, app_port, wiki_port, cert, key):
-    text = example
-    text = substitute(text, "listen 80;", "listen 127.0.0.1:%d;" % http_port)
-    text = substitute(text, "listen 443 ssl;", "listen 127.0.0.1:%d ssl;" % https_port, count=2)
-    text = substitute(text, "server 127.0.0.1:3003;", "server 127.0.0.1:%d;" % authd_port)
-    text = substitute(text, "server 127.0.0.1:8080;", "server 127.0.0.1:%d;" % app_port)
+    text = local_nginx(example, http_port=http_port, https_port=https_port, authd_port=authd_port,
+                       app_port=app_port, cert=cert, key=key, tls_servers=2)
     text = substitute(text, "server 127.0.0.1:8081;", "server 127.0.0.1:%d;" % wiki_port)
-    text = substitute(text, "/etc/letsencrypt/live/example.com/fullchain.pem", str(cert), count=2)
-    text = substitute(text, "/etc/letsencrypt/live/example.com/privkey.pem", str(key), count=2)
     text = substitute(text, "return 302 https://auth.example.com/", "return 302 https://auth.example.com:%d/" % https_port)
     text = substitute(text, "return 302 https://auth.example.com$", "return 302 https://auth.example.com:%d$" % https_port)
     return text
@@ -815,66 +606,36 @@ class SsoSite:
     + two echo apps + nginx running central-login.conf."""
 
     def __init__(self, workdir, cert, key):
-        from test_e2e import main_config
-        self.workdir = workdir = Path(workdir)
-        self.nginx = self.authd = None
+        self.nginx = self.authd = self.error_log = None
         self.app, self.wiki = EchoApp("App"), EchoApp("Wiki")
         try:
-            for attempt in range(3):  # a free port may be taken by someone else before nginx binds it
-                directory = workdir / ("try%d" % attempt)
-                (directory / "authd").mkdir(parents=True)
-                self.http_port, self.https_port = free_port(), free_port()
-                self.authd = Authd(directory / "authd", users=USERS, env={
-                    "AUTH_LOGIN_RATE": "1000/900", "AUTH_COOKIE_DOMAIN": "example.com",
-                    "AUTH_LOGIN_URL": "https://auth.example.com:%d%s/login" % (self.https_port, PREFIX)})
-                site = central_config(CENTRAL.read_text(), http_port=self.http_port, https_port=self.https_port,
-                                      authd_port=self.authd.port, app_port=self.app.port, wiki_port=self.wiki.port,
-                                      cert=cert, key=key)
-                (directory / "site.conf").write_text(site)
-                (directory / "nginx.conf").write_text(main_config(directory, directory / "site.conf"))
-                self.error_log = directory / "error.log"
-                with open(directory / "stderr.log", "wb") as err:
-                    self.nginx = subprocess.Popen(
-                        [nginx_path(), "-p", str(directory), "-c", str(directory / "nginx.conf"),
-                         "-e", str(self.error_log), "-g", "daemon off;"],
-                        stdin=subprocess.DEVNULL, stdout=err, stderr=err)
-                if self._listening(directory):
-                    break
-                self.authd.stop()
-            else:
-                raise RuntimeError("nginx could not bind free ports:\n" + self.logs())
+            self.nginx, directory, (self.http_port, self.https_port) = start_nginx(
+                Path(workdir), lambda directory, http_port, https_port: self._site(directory, http_port, https_port,
+                                                                                  cert, key), logs=self.logs)
         except BaseException:
             self.stop()
             raise
+        self.error_log = directory / "error.log"
         self.auth_url, self.app_url, self.wiki_url = ("https://%s.example.com:%d" % (name, self.https_port)
                                                       for name in ("auth", "app", "wiki"))
 
-    def _listening(self, directory, timeout=15):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.nginx.poll() is not None:
-                if "Address already in use" in self.logs():
-                    return False
-                raise RuntimeError("nginx exited:\n%s\n%s" % ((directory / "stderr.log").read_text(), self.logs()))
-            if (directory / "nginx.pid").exists():
-                try:
-                    with socket.create_connection(("127.0.0.1", self.https_port), timeout=1):
-                        return True
-                except OSError:
-                    pass
-            time.sleep(0.05)
-        raise RuntimeError("nginx did not start:\n" + self.logs())
-
-    def logs(self):
-        text = self.error_log.read_text(errors="replace") if self.error_log.exists() else ""
-        return "nginx error.log:\n%s\nauthd log:\n%s" % (text[-4000:], self.authd.log()[-4000:] if self.authd else "")
-
-    def stop(self):
-        stop_process(self.nginx)
-        self.app.stop()
-        self.wiki.stop()
+    def _site(self, directory, http_port, https_port, cert, key):
+        """A fresh authd for this try (its login URL names the port), and the site for nginx."""
         if self.authd is not None:
             self.authd.stop()
+        (directory / "authd").mkdir()
+        self.authd = Authd(directory / "authd", users=USERS, env={
+            "AUTH_LOGIN_RATE": "1000/900", "AUTH_COOKIE_DOMAIN": "example.com",
+            "AUTH_LOGIN_URL": "https://auth.example.com:%d%s/login" % (https_port, PREFIX)})
+        return central_config(CENTRAL.read_text(), http_port=http_port, https_port=https_port,
+                              authd_port=self.authd.port, app_port=self.app.port, wiki_port=self.wiki.port,
+                              cert=cert, key=key)
+
+    def logs(self):
+        return "authd log:\n%s" % (self.authd.log()[-4000:] if self.authd else "")
+
+    def stop(self):
+        stop_all(self.nginx, self.app, self.wiki, self.authd)
 
     def fetch(self, name, method, path, **kwargs):
         return https_fetch(self.https_port, name + ".example.com", method, path, **kwargs)
@@ -888,13 +649,9 @@ def sso(nginx_tools, cert, tmp_path_factory):
 
 
 def test_central_login_config_passes_nginx_t(nginx_tools, cert, tmp_path):
-    from test_e2e import main_config
     site = central_config(CENTRAL.read_text(), http_port=free_port(), https_port=free_port(), authd_port=3003,
                           app_port=8080, wiki_port=8081, cert=cert[0], key=cert[1])
-    (tmp_path / "site.conf").write_text(site)
-    (tmp_path / "nginx.conf").write_text(main_config(tmp_path, tmp_path / "site.conf"))
-    r = subprocess.run([nginx_path(), "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
-                        "-e", str(tmp_path / "error.log")], capture_output=True, text=True, timeout=30)
+    r = nginx_config_test(tmp_path, site)
     assert r.returncode == 0 and "test is successful" in r.stderr, r.stderr
 
 
@@ -923,11 +680,7 @@ def test_sso_signing_in_on_one_site_signs_in_on_the_other(sso, new_context):
 
 
 def test_sso_signing_out_on_one_site_signs_out_on_both(sso, new_context):
-    ctx = new_context()
-    page = ctx.new_page()
-    page.goto(sso.wiki_url + "/w")
-    login_in_browser(page, "carol")
-    page.wait_for_url(sso.wiki_url + "/w")
+    ctx, page = signed_in_page(new_context, sso.wiki_url + "/w", "carol", PASSWORDS["carol"])
     page.goto(sso.app_url + "/a")
     assert json.loads(page.locator("#echo").inner_text())["headers"]["x-auth-user"] == ["carol"]
     page.goto(sso.app_url + PREFIX + "/logout")           # a "Sign out" link on one site
@@ -941,21 +694,9 @@ def test_sso_signing_out_on_one_site_signs_out_on_both(sso, new_context):
 
 
 def test_sso_forbidden_page_and_sign_in_as_someone_else(sso, new_context):
-    ctx = new_context()
-    page = ctx.new_page()
-    page.goto(sso.app_url + "/admin/panel?x=1")
-    login_in_browser(page, "bob")
-    page.wait_for_url(sso.app_url + "/admin/panel?x=1")
-    response = page.reload()
-    assert response.status == 403
-    assert_denied_page(page.content(), "bob")
+    ctx, page, _ = denied_in_browser(new_context, sso.app_url + "/admin/panel?x=1")
     page.screenshot(path=str(ARTIFACTS / "forbidden-central-login.png"))
-    page.get_by_role("link", name=re.compile("sign in as someone else", re.I)).click()
-    page.wait_for_url(re.compile(re.escape(sso.auth_url + PREFIX + "/login") + r"\?"))
-    assert auth_cookie(ctx) is None
-    login_in_browser(page, "alice")
-    page.wait_for_url(sso.app_url + "/admin/panel?x=1")
-    assert json.loads(page.locator("#echo").inner_text())["headers"]["x-auth-user"] == ["alice"]
+    sign_in_as_someone_else(ctx, page, sso.auth_url + PREFIX + "/login", sso.app_url + "/admin/panel?x=1")
 
 
 def test_sso_login_refuses_to_send_people_off_the_domain(sso):
@@ -968,11 +709,10 @@ def test_sso_login_refuses_to_send_people_off_the_domain(sso):
 
 
 @pytest.fixture(scope="module")
-def nginx_site(nginx_tools, tmp_path_factory):
+def nginx_site(nginx_tools, cert, tmp_path_factory):
     """nginx.example.conf as test_e2e runs it (its Site), for the 403 page."""
-    from test_e2e import Site, make_cert as e2e_cert
-    directory = tmp_path_factory.mktemp("nginx403")
-    s = Site(directory / "site", *e2e_cert(directory))
+    from test_e2e import Site
+    s = Site(tmp_path_factory.mktemp("nginx403") / "site", *cert)
     yield s
     s.stop()
 
@@ -984,20 +724,8 @@ def test_nginx_example_shows_the_forbidden_page(nginx_site, new_context):
         r = nginx_site.fetch("GET", path, token=nginx_site.login(name))
         assert r.status == 403 and r.headers["content-type"].startswith("text/html"), (name, r)
         assert_denied_page(r.body, name)
-    ctx = new_context()
-    page = ctx.new_page()
-    url = nginx_site.url + "/admin/x?y=1"
-    page.goto(url)
-    login_in_browser(page, "bob")
-    page.wait_for_url(url)
-    assert page.reload().status == 403
-    assert_denied_page(page.content(), "bob")
-    page.get_by_role("link", name=re.compile("sign in as someone else", re.I)).click()
-    page.wait_for_url(re.compile(re.escape(nginx_site.url + PREFIX + "/login") + r"\?"))
-    assert auth_cookie(ctx) is None
-    login_in_browser(page, "alice")
-    page.wait_for_url(url)
-    assert json.loads(page.locator("#echo").inner_text())["headers"]["x-auth-user"] == ["alice"]
+    ctx, page, _ = denied_in_browser(new_context, nginx_site.url + "/admin/x?y=1")
+    sign_in_as_someone_else(ctx, page, nginx_site.url + PREFIX + "/login", nginx_site.url + "/admin/x?y=1")
 
 
 def test_sso_nginx_logged_no_errors(sso):

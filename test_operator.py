@@ -13,26 +13,22 @@
     who-am-I page links back to the site
 
 Real parts only: authd.py as a subprocess, the real nginx, Debian's Chromium through
-Playwright (see test_e2e.py, whose helpers and fixtures this file reuses).
+Playwright (conftest.py's nginx and browser helpers, test_e2e.py's site).
 """
 import http.client
-import json
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 from pathlib import Path
 
 import pytest
 
-from conftest import HERE, SECRET, Authd, Response, fast_hash, need, run_cli, write_users
-# Helpers and fixtures of the end-to-end suite (nginx, Chromium); the fixtures must be
-# importable names here for pytest to find them.
-from test_e2e import (PASSWORDS, auth_cookie, browser, cert, free_port, is_login_page,  # noqa: F401
-                      login_in_browser, main_config, new_context, nginx_path, site, substitute, tools)
+from conftest import (HERE, SECRET, Authd, auth_cookie, fast_hash, free_port, login_in_browser, need, run_cli,
+                      send, start_nginx, stop_all, substitute, wait_until, write_users)
+# The end-to-end suite's site (nginx.example.conf); a fixture must be an importable
+# name here for pytest to find it.
+from test_e2e import PASSWORDS, is_login_page, site  # noqa: F401
 
 README = HERE / "README.md"
 FIXTURES = HERE.parent / "shared" / "fixtures"   # CI keeps a copy of shared/ beside the clone
@@ -43,16 +39,6 @@ P = "/__auth"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 INVALID = {"status": "fail", "message": "Invalid credentials"}
 TEST_COMMAND = "python3 -m pip install -q -r requirements-test.txt && python3 -m pytest -q"
-
-
-def wait_until(predicate, timeout=10.0):
-    """Poll PREDICATE until it is truthy or the deadline passes; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.1)
 
 
 def form(**fields):
@@ -179,25 +165,6 @@ UPSTREAM_INDEX = (b'<!doctype html><html><head><title>Upstream site</title>'
 UPSTREAM_CSS = b"#marker { color: rgb(7, 8, 9); }\n"
 
 
-def wait_nginx(proc, nginx_dir, port, timeout=15):
-    """True once nginx answers on PORT; False if it exited because the port was taken."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log = (nginx_dir / "error.log").read_text(errors="replace") if (nginx_dir / "error.log").exists() else ""
-            if "Address already in use" in log:
-                return False
-            raise RuntimeError("nginx exited:\n" + log)
-        if (nginx_dir / "nginx.pid").exists():
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    return True
-            except OSError:
-                pass
-        time.sleep(0.05)
-    raise RuntimeError("nginx did not start")
-
-
 class UpstreamSite:
     """authd started with upstream-express.env (AUTH_PORT substituted), behind nginx
     running upstream-express-nginx.conf inside a plain-http server block (the port
@@ -239,52 +206,22 @@ class UpstreamSite:
     def _start_nginx(self):
         block = substitute(UPSTREAM_NGINX.read_text(), "http://localhost:3000;",
                            "http://localhost:%d;" % self.authd_port, count=3)
-        for attempt in range(3):
-            nginx_dir = self.workdir / ("nginx%d" % attempt)
-            nginx_dir.mkdir()
-            self.http_port = free_port()
-            site_file = nginx_dir / "site.conf"
-            site_file.write_text("server {\n    listen 127.0.0.1:%d;\n    server_name localhost;\n"
-                                 "    root %s;\n%s\n}\n" % (self.http_port, self.root, block))
-            (nginx_dir / "nginx.conf").write_text(main_config(nginx_dir, site_file))
-            with open(nginx_dir / "stderr.log", "wb") as stderr:
-                self.nginx = subprocess.Popen(
-                    [nginx_path(), "-p", str(nginx_dir), "-c", str(nginx_dir / "nginx.conf"),
-                     "-e", str(nginx_dir / "error.log"), "-g", "daemon off;"],
-                    stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
-            if wait_nginx(self.nginx, nginx_dir, self.http_port):
-                return
-        raise RuntimeError("nginx could not bind a free port")
+        site = lambda directory, port: ("server {\n    listen 127.0.0.1:%d;\n    server_name localhost;\n"  # noqa: E731
+                                        "    root %s;\n%s\n}\n" % (port, self.root, block))
+        self.nginx, _, (self.http_port,) = start_nginx(self.workdir, site, ports=1)
 
     def fetch(self, method, path, headers=None, body=None, token=None):
         headers = dict(headers or {})
         if token is not None:
             headers["Cookie"] = "authToken=" + token
-        if isinstance(body, dict):
-            body = json.dumps(body).encode()
-            headers.setdefault("Content-Type", "application/json")
-        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=20)
-        try:
-            conn.request(method, path, body=body, headers=headers)
-            resp = conn.getresponse()
-            return Response(resp.status, resp.getheaders(), resp.read())
-        finally:
-            conn.close()
+        return send(http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=20), method, path, headers, body)
 
     def stop(self):
-        if self.nginx is not None and self.nginx.poll() is None:
-            self.nginx.send_signal(signal.SIGTERM)
-            try:
-                self.nginx.wait(10)
-            except subprocess.TimeoutExpired:
-                self.nginx.kill()
-                self.nginx.wait()
-        if self.authd is not None:
-            self.authd.stop()
+        stop_all(self.nginx, self.authd)
 
 
 @pytest.fixture
-def upstream(tools, tmp_path):
+def upstream(nginx_tools, tmp_path):
     need(UPSTREAM_NGINX.exists() and UPSTREAM_ENV.exists(), "the shared fixtures are missing: %s" % FIXTURES)
     s = UpstreamSite(tmp_path)
     yield s

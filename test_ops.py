@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fast_hash, need, run_cli, tcp_sockets, wait_until, write_users
+from conftest import fast_hash, need, run_cli, tcp_sockets, users_line, wait_until, write_users
 
 HERE = Path(__file__).resolve().parent
 UNIT = HERE / "auth.service"
@@ -147,13 +147,6 @@ def default_cost_hash(password):
     h = r.stdout.strip().splitlines()[-1]
     assert h.startswith("$scrypt$"), h
     return h
-
-
-def users_line(path, name):
-    for line in Path(path).read_text().splitlines():
-        if line.split(":", 1)[0] == name:
-            return line
-    return None
 
 
 # ---------------------------------------------------------------------------

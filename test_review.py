@@ -3,7 +3,7 @@ and 4-9). Each test was written before its fix and failed on a2595e4 for the
 reason its docstring gives.
 
 Real parts: authd.py as a subprocess, the real nginx running
-nginx.example.conf (helpers from test_e2e.py), the real command line run as
+nginx.example.conf (the Site of test_e2e.py), the real command line run as
 root for the symlink tests. Only time is bent: the reload test shortens
 authd's wait for a hash slot.
 """
@@ -13,7 +13,6 @@ import hashlib
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import ssl
@@ -28,27 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HERE, SECRET, Authd, Response, fast_hash, need, run_cli, write_users
+from conftest import (HERE, SECRET, Authd, Response, echo_of, fast_hash, need, run_cli, users_line, wait_until,
+                      write_users)
 
 P = "/__auth"
 README = HERE / "README.md"
-
-
-def wait_until(condition, timeout=15, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for " + what)
-
-
-def users_line(path, name):
-    for line in Path(path).read_text().splitlines():
-        if line.split(":", 1)[0] == name:
-            return line
-    return None
 
 
 def patient_request(d, method, path, **kwargs):
@@ -131,20 +114,7 @@ def test_cache_header_only_for_a_single_unambiguous_cookie(authd):
         assert r.header_values("x-accel-expires") == [], (what, r)
 
 
-@pytest.fixture(scope="module")
-def nginx_tools():
-    from test_e2e import nginx_path
-    need(nginx_path(), "nginx is not installed (Debian: apt-get install nginx-light)")
-    need(shutil.which("openssl"), "openssl is missing (Debian: apt-get install openssl)")
-
-
-@pytest.fixture(scope="module")
-def cert(nginx_tools, tmp_path_factory):
-    from test_e2e import make_cert
-    return make_cert(tmp_path_factory.mktemp("review-cert"))
-
-
-def test_micro_cache_cannot_be_poisoned_for_anonymous_visitors(cert, tmp_path):
+def test_micro_cache_cannot_be_poisoned_for_anonymous_visitors(nginx_tools, cert, tmp_path):
     """Fails on a2595e4: after `Cookie: authToken=; authToken=<carol's token>`
     nginx stores carol's 200 under the empty key, and the next visitor without
     a cookie reaches the app as carol."""
@@ -315,7 +285,7 @@ def test_secret_file_dangling_symlink_creates_nothing(as_root, tmp_path):
 # ===========================================================================
 
 @pytest.fixture(scope="module")
-def site(cert, tmp_path_factory):
+def site(nginx_tools, cert, tmp_path_factory):
     from test_e2e import Site
     s = Site(tmp_path_factory.mktemp("review-site"), *cert)
     yield s
@@ -330,7 +300,7 @@ def test_admin_location_holds_for_case_and_semicolon_spellings(site):
     """Fails on a2595e4: /ADMIN/secret and /admin;x/secret fall through to
     `location /`, so a non-admin reaches the app; Express routes them to
     /admin/secret (case-insensitive) and Java stacks strip ;x."""
-    from test_e2e import PASSWORDS, echo_of, is_login_page
+    from test_e2e import PASSWORDS, is_login_page
     carol = site.login("carol", PASSWORDS["carol"])
     for path in ADMIN_SPELLINGS:
         before = len(site.app.requests)
@@ -416,7 +386,7 @@ def test_reload_while_hash_slots_are_busy_keeps_serving(tmp_path):
             f.write("newbie:newbie-plain-pw\n")
         d.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: d.proc.poll() is not None or re.search(r"(?i)busy.*retr|retr.*busy", d.log()),
-                   what="the reload to meet the busy hash slots")
+                   timeout=15, what="the reload to meet the busy hash slots")
         assert d.proc.poll() is None, "authd stopped on reload:\n" + d.log()
         for t in slow_logins:
             t.join(60)
@@ -481,7 +451,7 @@ def test_legacy_upgrade_does_not_undo_a_password_change(authd, tmp_path):
     # wait until the server answers to the new password, or the line was overwritten
     wait_until(lambda: users_line(d.users_file, "old") != new_line or d.request(
         "POST", P + "/login", body={"username": "old", "password": "new-password"}).status == 200,
-        what="the new password to work")
+        timeout=15, what="the new password to work")
     assert users_line(d.users_file, "old") == new_line, (users_line(d.users_file, "old"), d.log())
     d.login("old", "old-password", expect=401)
     assert users_line(d.users_file, "old") == new_line
@@ -650,7 +620,7 @@ def test_wrong_bypass_is_logged_without_the_value(authd):
     r = d.request("GET", P + "/auth", headers={"X-Auth-Bypass": wrong, "X-Real-IP": "192.0.2.7"})
     assert r.status == 401
     assert d.request("GET", P + "/auth", headers={"X-Auth-Bypass": bypass}).status == 200
-    wait_until(lambda: re.search(r"(?im)^.*bypass.*192\.0\.2\.7.*$", d.log()), what="a log line for the wrong bypass")
+    wait_until(lambda: re.search(r"(?im)^.*bypass.*192\.0\.2\.7.*$", d.log()), 15, "a log line for the wrong bypass")
     assert wrong not in d.log() and bypass not in d.log(), d.log()
 
 
@@ -664,7 +634,7 @@ def test_logout_does_not_revoke_a_copied_token_and_readme_says_so(authd):
     assert d.auth(token).status == 200  # a copy of the token still works after logout
     r = run_cli("passwd", "carol", "--users", d.users_file, input="another-pw-1\n")
     assert r.returncode == 0, r.stderr
-    wait_until(lambda: d.auth(token).status == 401, what="the password change to revoke the token")
+    wait_until(lambda: d.auth(token).status == 401, 15, "the password change to revoke the token")
     assert any(re.search(r"(?i)log ?out|sign out", p) and re.search(r"(?i)revoke", p)
                and re.search(r"(?i)cop(y|ied)", p) and re.search(r"(?i)password", p)
                for p in readme_paragraphs()), "README: say that logout does not revoke a copied token, and why"

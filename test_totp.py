@@ -5,7 +5,6 @@ groups, P/totp, and the whole thing in Chromium through the real nginx.
 authd runs as a subprocess; codes come from pyotp (test-only); the QR codes
 are read by zxing-cpp from the terminal output and from browser screenshots.
 """
-import importlib.util
 import json
 import os
 import re
@@ -17,7 +16,8 @@ import time
 
 import pytest
 
-from conftest import AUTHD, HERE, SECRET, fast_hash, need, run_cli, write_users
+from conftest import (ARTIFACTS, AUTHD, SECRET, auth_cookie, decode as claims_of, fast_hash, login_in_browser,
+                      run_cli, wait_until, write_users)
 import authd as authd_py
 from test_totp_qr import decode, image, png_grey, terminal_pixels
 
@@ -34,21 +34,6 @@ USERS = ["# two-factor tests",
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
-@pytest.fixture(scope="module")
-def pyotp():
-    need(importlib.util.find_spec("pyotp") is not None, "pyotp is missing (pip install -r requirements-test.txt)")
-    import pyotp
-    return pyotp
-
-
-@pytest.fixture(scope="module")
-def zxing():
-    need(importlib.util.find_spec("zxingcpp") is not None,
-         "zxing-cpp is missing (pip install -r requirements-test.txt)")
-    import zxingcpp
-    return zxingcpp
-
-
 def away_from_step_edge():
     """Wait (on the clock, with a deadline) until at least 5 s remain in this
     30-second step, so "the current step" means the same in test and server."""
@@ -59,11 +44,6 @@ def away_from_step_edge():
 
 def code(pyotp, secret, steps=0):
     return pyotp.TOTP(secret).at(time.time() + 30 * steps)
-
-
-def claims_of(token):
-    import jwt
-    return jwt.decode(token, SECRET, algorithms=["HS256"])
 
 
 def form(fields):
@@ -204,7 +184,7 @@ def test_cli_totp_enrols_after_one_code_and_removes(pyotp, zxing, tmp_path, auth
     assert key not in err and key not in d.log()  # the secret is never logged
     assert run_cli("users", "--users", path, "--env", "/dev/null").stdout.splitlines()[:3] == [
         "tina\tstaff\ttwo-factor", "bob\tstaff\ttwo-factor", "adam\tadmin"]
-    wait_for(lambda: d.auth(token).status == 401)  # the running server picks the change up: bob's session ends
+    wait_until(lambda: d.auth(token).status == 401, 15)  # the running server picks the change up: bob's session ends
     r = d.request("POST", P + "/login", body={"username": "bob", "password": PASSWORD["bob"]})
     assert r.status == 401 and r.json()["totp"] is True
     cp = run_cli("totp", "bob", "--remove", "--users", path, "--env", "/dev/null")
@@ -413,16 +393,9 @@ def test_changed_password_voids_the_pending_step(pyotp, authd):
     loads = d.log().count("loaded 4 user(s)")
     cp = run_cli("passwd", "tina", "--users", d.users_file, "--env", d.env_file, input="new-password\n")
     assert cp.returncode == 0
-    wait_for(lambda: d.log().count("loaded 4 user(s)") > loads)  # the server has read the new line
+    wait_until(lambda: d.log().count("loaded 4 user(s)") > loads, 15)  # the server has read the new line
     r = post_code(d, pending, code(pyotp, TINA_SECRET))
     assert r.status == 401 and b"expired" in r.body and r.cookie() is None
-
-
-def wait_for(condition, timeout=15):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_code_guesses_count_against_the_login_rate_limit(pyotp, authd):
@@ -542,40 +515,20 @@ def test_totp_page_needs_a_fresh_password(authd):
 
 E2E_PASSWORD = {"erin": "erin-pw-5", "adam": "adam-pw-6"}
 E2E_USERS = ["erin:%s:staff" % fast_hash(E2E_PASSWORD["erin"]), "adam:%s:admin" % fast_hash(E2E_PASSWORD["adam"])]
-ARTIFACTS = HERE / "test-artifacts"
 VIEWPORT = {"width": 480, "height": 960}
 
 
 @pytest.fixture(scope="module")
-def totp_site(tmp_path_factory):
-    import test_e2e
-    test_e2e.require_tools()
-    cert = test_e2e.make_cert(tmp_path_factory.mktemp("cert"))
-    saved, test_e2e.USERS = test_e2e.USERS, E2E_USERS  # Site writes test_e2e.USERS
-    try:
-        site = test_e2e.Site(tmp_path_factory.mktemp("site"), *cert, authd_env={"AUTH_TOTP_GROUPS": "admin"})
-    finally:
-        test_e2e.USERS = saved
+def totp_site(nginx_tools, cert, tmp_path_factory):
+    from test_e2e import Site
+    site = Site(tmp_path_factory.mktemp("site"), *cert, authd_env={"AUTH_TOTP_GROUPS": "admin"}, users=E2E_USERS)
     yield site
     site.stop()
 
 
-@pytest.fixture(scope="module")
-def chromium(totp_site):
-    import test_e2e
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=test_e2e.CHROMIUM, headless=True, args=test_e2e.CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
 @pytest.fixture
-def browser_page(chromium):
-    context = chromium.new_context(ignore_https_errors=True, viewport=VIEWPORT)
-    context.set_default_timeout(15000)
-    yield context.new_page()
-    context.close()
+def browser_page(totp_site, new_context):
+    return new_context(viewport=VIEWPORT).new_page()
 
 
 def shoot(page, name):
@@ -605,13 +558,11 @@ def app_echo(page):
 
 
 def sign_in(page, name):
-    page.get_by_label("User name").fill(name)
-    page.get_by_label("Password").fill(E2E_PASSWORD[name])
-    page.get_by_role("button", name="Sign in").click()
+    login_in_browser(page, name, E2E_PASSWORD[name])
 
 
 def session_of(page):
-    return next((c for c in page.context.cookies() if c["name"] == "authToken"), None)
+    return auth_cookie(page.context)
 
 
 def test_browser_enrolment_then_two_step_sign_in(totp_site, browser_page, pyotp, zxing):

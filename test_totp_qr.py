@@ -7,7 +7,6 @@ decoder (zxing-cpp) reading the terminal rendering and the SVG as Chromium
 draws it. Test-only packages: pyotp, zxing-cpp, playwright (+ /usr/bin/chromium).
 """
 import base64
-import importlib.util
 import os
 import re
 import struct
@@ -17,31 +16,9 @@ import zlib
 
 import pytest
 
-from conftest import HERE, need
+from conftest import ARTIFACTS
 
 import authd
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-ARTIFACTS = HERE / "test-artifacts"
-
-
-@pytest.fixture(scope="module")
-def pyotp():
-    need(importlib.util.find_spec("pyotp") is not None,
-         "pyotp is missing (pip install -r requirements-test.txt)")
-    import pyotp
-    return pyotp
-
-
-@pytest.fixture(scope="module")
-def zxing():
-    need(importlib.util.find_spec("zxingcpp") is not None,
-         "zxing-cpp is missing (pip install -r requirements-test.txt)")
-    import zxingcpp
-    return zxingcpp
-
 
 # ---------------------------------------------------------------------------
 # codes
@@ -424,18 +401,6 @@ def unfilter(kind, line, previous, step):
 
 PAGE_STYLE = ("body{margin:0;padding:24px;background:#fff;color:#111}"
               "@media (prefers-color-scheme: dark){body{background:#121212;color:#eee}}")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    need(os.access(CHROMIUM, os.X_OK), "%s is missing (Debian: apt-get install chromium)" % CHROMIUM)
-    need(importlib.util.find_spec("playwright") is not None,
-         "the playwright Python package is missing (pip install -r requirements-test.txt)")
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def screenshot_svg(browser, svg, scheme, name):

@@ -99,9 +99,43 @@ def run_paced(port, path, headers, rate, duration, threads=PACED_THREADS):
             "errors": errors[0], "error_detail": {"status_or_io": errors[0]} if errors[0] else {}}
 
 
+class Client:
+    """One client's connection, reopened when the server closes it: the latencies
+    (s) of its 2xx/3xx answers and the count of the rest (other statuses, I/O errors)."""
+
+    def __init__(self, port, raw, timeout, nodelay=False):
+        self.port, self.raw, self.timeout, self.nodelay = port, raw, timeout, nodelay
+        self.sock, self.buf, self.lat, self.failed = None, b"", [], 0
+
+    def request(self, since):
+        """One request; its latency counts from SINCE (a perf_counter time)."""
+        try:
+            if self.sock is None:
+                self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout)
+                if self.nodelay:
+                    self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.buf = b""
+            self.sock.sendall(self.raw)
+            status, keep, self.buf = read_response(self.sock, self.buf)
+            if 200 <= status < 400:
+                self.lat.append(time.perf_counter() - since)
+            else:
+                self.failed += 1
+            if not keep:
+                self.close()
+        except (OSError, ValueError, IndexError):
+            self.failed += 1
+            self.close()
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = None
+
+
 def paced_worker(port, raw, first, interval, t_end):
     """One connection's share of the schedule: (latencies in s, failures)."""
-    lat, failed, sock, buf, k = [], 0, None, b"", 0
+    client, k = Client(port, raw, 10, nodelay=True), 0
     while True:
         intended = first + k * interval
         if intended >= t_end:
@@ -110,28 +144,9 @@ def paced_worker(port, raw, first, interval, t_end):
         now = time.perf_counter()
         if now < intended:
             time.sleep(intended - now)
-        try:
-            if sock is None:
-                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                buf = b""
-            sock.sendall(raw)
-            status, keep, buf = read_response(sock, buf)
-            if 200 <= status < 400:
-                lat.append(time.perf_counter() - intended)
-            else:
-                failed += 1
-            if not keep:
-                sock.close()
-                sock = None
-        except (OSError, ValueError, IndexError):
-            failed += 1
-            if sock is not None:
-                sock.close()
-            sock = None
-    if sock is not None:
-        sock.close()
-    return lat, failed
+        client.request(intended)
+    client.close()
+    return client.lat, client.failed
 
 
 def raise_nofile(wanted):
@@ -251,32 +266,13 @@ def run_closed(port, raw, connections, duration, timeout=60):
     lat, errors, lock = [], [0], threading.Lock()
 
     def client():
-        mine, failed, sock, buf = [], 0, None, b""
-        while time.perf_counter() < t_end or not (mine or failed):
-            t0 = time.perf_counter()
-            try:
-                if sock is None:
-                    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-                    buf = b""
-                sock.sendall(raw)
-                status, keep, buf = read_response(sock, buf)
-                if 200 <= status < 400:
-                    mine.append(time.perf_counter() - t0)
-                else:
-                    failed += 1
-                if not keep:
-                    sock.close()
-                    sock = None
-            except (OSError, ValueError, IndexError):
-                failed += 1
-                if sock is not None:
-                    sock.close()
-                sock = None
-        if sock is not None:
-            sock.close()
+        c = Client(port, raw, timeout)
+        while time.perf_counter() < t_end or not (c.lat or c.failed):
+            c.request(time.perf_counter())
+        c.close()
         with lock:
-            lat.extend(mine)
-            errors[0] += failed
+            lat.extend(c.lat)
+            errors[0] += c.failed
 
     ts = [threading.Thread(target=client, daemon=True) for _ in range(connections)]
     for t in ts:
