@@ -26,8 +26,8 @@ PACED_CONNS = 4
 TINY_CONNS = 16
 TINY_REPS = 2
 # rows that must give numbers wherever the test runs (CI has every tool)
-CORE_ROWS = ["static", "ceiling", "authd", "before", "anchor", "cache", "auth_basic-sha", "auth_basic-apr1",
-             "authd-direct", "before-direct", "anchor-direct", "caddy-static"]
+CORE_ROWS = ["static", "ceiling", "authd", "ceiling-unix", "authd-unix", "before", "anchor", "cache",
+             "auth_basic-sha", "auth_basic-apr1", "authd-direct", "before-direct", "anchor-direct", "caddy-static"]
 PACED_ROWS = ["paced-nginx", "paced-direct", "flood", "flood-before"]
 # rows of features that other issues add (13: Basic, app tokens; 14: forward auth): a number or n/a
 FEATURE_ROWS = ["basic", "token", "basic-direct", "token-direct", "caddy-forward"]
@@ -43,7 +43,7 @@ def test_help_names_the_rows_and_tools():
     assert r.returncode == 0, r.stderr
     for word in ("nginx", "wrk", "caddy", "htpasswd", "--tiny", "--duration", "--connections", "--reps",
                  "--before", "--json", "--only", "--skip", "micro-cache", "logins", "ceiling", "ThreadingHTTPServer",
-                 "idle"):
+                 "idle", "unix"):
         assert word in r.stdout, word
 
 
@@ -131,19 +131,24 @@ def test_numbers_are_sane_and_repeated(tiny_run):
             assert r["proxy_cpu_us"] is not None and r["proxy_cpu_us"] >= 0, (key, r)
         if key[0] in ("authd", "before", "anchor", "cache", "basic", "token"):
             assert r["pct_ceiling"] == pytest.approx(100 * r["rps"] / rows[("ceiling", key[1])]["rps"]), (key, r)
+        if key[0] == "authd-unix":  # the unix-socket rows compare with the unix ceiling
+            assert r["pct_ceiling"] == pytest.approx(100 * r["rps"] / rows[("ceiling-unix", key[1])]["rps"]), (key, r)
         if r["section"] != "paced":  # the noise meter means nothing at low load
             assert 0 <= r["other_cpu_pct"] <= 100, (key, r)
     assert rows[("static", TINY_CONNS)]["pct_static"] == pytest.approx(100)
     ratios = data["ratios"]
     c = TINY_CONNS
     assert ratios["authd/ceiling rps@%d" % c] == pytest.approx(rows[("authd", c)]["rps"] / rows[("ceiling", c)]["rps"])
+    assert ratios["authd-unix/ceiling-unix rps@%d" % c] == pytest.approx(
+        rows[("authd-unix", c)]["rps"] / rows[("ceiling-unix", c)]["rps"])
     assert ratios["authd-direct/before-direct rps@%d" % c] == pytest.approx(
         rows[("authd-direct", c)]["rps"] / rows[("before-direct", c)]["rps"])
 
 
 def test_ratio_and_memory_lines(tiny_run):
     stdout, _, data, _ = tiny_run
-    for phrase in ("nginx -> authd / ceiling, req/s: ", "authd / authd before (", "authd / stdlib anchor",
+    for phrase in ("nginx -> authd / ceiling, req/s: ", "nginx -> authd / ceiling over unix sockets, req/s: ",
+                   "authd / authd before (", "authd / stdlib anchor",
                    "cached Basic pair / cookie", "Bearer token / cookie", "Caddy forward_auth -> authd / Caddy static",
                    "spread of req/s over repetitions: largest",
                    "authd, 300 idle keep-alive connections", "authd before, 300 idle keep-alive connections",

@@ -18,6 +18,8 @@ Rows (wrk -t1 at each connection count, default 16 and 64):
     stdlib ThreadingHTTPServer verifying an HS256 cookie (bench/anchor_hs256.py); -> authd
     with the micro-cache; -> authd with a cached Basic pair; -> authd with a Bearer app
     token; nginx auth_basic with a {SHA} and with an $apr1$ htpasswd file
+  through nginx over unix sockets: auth_request -> a second nginx answering `return 200;` on a
+    unix socket (the unix ceiling); -> a second authd listening on AUTH_SOCKET, with a cookie
   directly: authd, authd before, the stdlib anchor, Basic, Bearer (P/auth)
   Caddy: a static file; forward_auth -> authd P/forward
   paced (open loop, latency from the scheduled send time): 500 req/s through nginx and
@@ -144,17 +146,37 @@ def free_port():
         return s.getsockname()[1]
 
 
+def connect(addr, timeout):
+    """A connected socket to a loopback port (int) or a unix socket (path, str)."""
+    if isinstance(addr, int):
+        return socket.create_connection(("127.0.0.1", addr), timeout=timeout)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        s.connect(addr)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def nginx_address(addr):
+    """nginx's spelling of a loopback port (int) or a unix socket path (str)."""
+    return "127.0.0.1:%d" % addr if isinstance(addr, int) else "unix:%s" % addr
+
+
 def wait_port(port, proc, what, timeout=10.0):
+    """Wait until something listens on `port`: a loopback port or a unix socket path."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise BenchError("%s exited with status %s" % (what, proc.returncode))
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            connect(port, 0.5).close()
             return
         except OSError:
             time.sleep(0.02)
-    raise BenchError("%s did not listen on 127.0.0.1:%d within %.0f s" % (what, port, timeout))
+    raise BenchError("%s did not listen on %s within %.0f s" % (what, nginx_address(port), timeout))
 
 
 # ---------------------------------------------------------------------------- /proc
@@ -274,12 +296,13 @@ def stop(p):
 
 
 def wait_listening(proc, what, timeout=30.0):
-    """The port from a "listening on http://HOST:PORT" line (authd, the stdlib anchor)."""
+    """The port from a "listening on http://HOST:PORT" line (authd, the stdlib anchor), or
+    the path from authd's "listening on unix:PATH" (AUTH_SOCKET)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        m = re.search(r"listening on http://([^\s:]+|\[[^\]]+\]):(\d+)", proc.output())
+        m = re.search(r"listening on (?:http://([^\s:]+|\[[^\]]+\]):(\d+)|unix:(\S+))", proc.output())
         if m:
-            return int(m.group(2))
+            return int(m.group(2)) if m.group(2) else m.group(3)
         if proc.proc.poll() is not None:
             break
         time.sleep(0.02)
@@ -289,7 +312,7 @@ def wait_listening(proc, what, timeout=30.0):
 
 
 class Server:
-    """Something under test with a port: CPU and memory of its own process."""
+    """Something under test with a port (or a unix socket path): CPU and memory of its own process."""
 
     def __init__(self, proc, port):
         self.proc, self.pid, self.port = proc, proc.pid, port
@@ -455,20 +478,21 @@ def plain_server(port, docroot, basic_file=None):
 
 
 def ceiling_server(port):
-    """The cheapest possible auth server: nginx answering 200 with no body."""
+    """The cheapest possible auth server: nginx answering 200 with no body, on a loopback
+    port or a unix socket path."""
     return """
     server {
-        listen 127.0.0.1:%d;
+        listen %s;
         location / { return 200; }
     }
-""" % port
+""" % nginx_address(port)
 
 
 def derive_server(example_text, port, authd_port, docroot, cache_dir, cache):
     """nginx.example.conf, changed by textual substitution of ports and paths only (and,
     for the micro-cache scenario, its `#~ ` lines enabled as the file says to):
-    - `upstream authd` -> the auth server's port; any other upstream -> a dead loopback
-      port (the benchmark only fetches static files, which nginx serves from `root`);
+    - `upstream authd` -> the auth server's port or unix socket path; any other upstream ->
+      a dead loopback port (the benchmark only fetches static files, served from `root`);
     - the TLS `listen ... ssl` line -> 127.0.0.1:PORT (plain HTTP; ssl_* lines dropped),
       any other `listen` line -> another free loopback port;
     - `root` -> the benchmark's document root; `proxy_cache_path` -> a temporary folder."""
@@ -488,7 +512,7 @@ def derive_server(example_text, port, authd_port, docroot, cache_dir, cache):
             upstream = None
         elif upstream and re.match(r"server\s", s):
             target = authd_port if upstream == "authd" else DEAD_PORT
-            line = re.sub(r"server\s+[^;\s]+", "server 127.0.0.1:%d" % target, line, count=1)
+            line = re.sub(r"server\s+[^;\s]+", "server " + nginx_address(target), line, count=1)
         elif re.match(r"listen\s", s):
             if re.search(r"\bssl\b", s.split("#")[0]):
                 line = re.sub(r"listen\s+[^;]+;", "listen 127.0.0.1:%d;" % port, line)
@@ -502,7 +526,7 @@ def derive_server(example_text, port, authd_port, docroot, cache_dir, cache):
     if bench_listen != 1:
         raise BenchError("nginx.example.conf: expected one `listen ... ssl` line (the protected site), found %d"
                          % bench_listen)
-    if "server 127.0.0.1:%d" % authd_port not in text:
+    if "server " + nginx_address(authd_port) + ";" not in text:
         raise BenchError("nginx.example.conf: found no `upstream authd { server ...; }` to point at authd")
     text, n = re.subn(r"(?m)^(\s*)root\s+[^;]+;", r"\g<1>root %s;" % docroot, text)
     if n == 0:
@@ -758,14 +782,14 @@ def verify_microcache(port, authd, cookie):
 
 SECTIONS = [
     ("nginx", "through nginx (auth_request, keep-alive upstream per nginx.example.conf); "
-              "%% of the nginx static row and of the ceiling row"),
+              "%% of the nginx static row and of the ceiling row (the unix ceiling for the unix-socket rows)"),
     ("direct", "the auth server directly (wrk to P/auth with what nginx's subrequest sends)"),
     ("caddy", "Caddy (GOMAXPROCS=%(caddy_procs)d); %% of the Caddy static row"),
     ("paced", "paced, open loop (%(rate)d req/s on %(threads)d keep-alive connections, latency from "
               "the scheduled send time; wrk2-style)"),
     ("logins", "logins with the default-cost scrypt hash (ln=17, 128 MiB)"),
 ]
-GROUPS = ("nginx", "ceiling", "direct", "before", "anchor", "cache", "basic", "token", "auth_basic",
+GROUPS = ("nginx", "ceiling", "unix", "direct", "before", "anchor", "cache", "basic", "token", "auth_basic",
           "caddy", "paced", "flood", "logins", "idle")
 
 
@@ -783,7 +807,7 @@ class Row:
 
     def result(self, res, conns):
         self.runs.setdefault(conns, []).append(res)
-        log("%-54s c=%-3s %9.0f req/s  p50 %.3f ms  p99 %.3f ms  errors %d %s"
+        log("%-66s c=%-3s %9.0f req/s  p50 %.3f ms  p99 %.3f ms  errors %d %s"
             % (self.label, conns, res["rps"], res["p50_ms"], res["p99_ms"], res["errors"],
                res["error_detail"] or ""))
 
@@ -959,14 +983,15 @@ class Bench:
             self.plain_nginx()
         if self.wanted("ceiling"):
             port = free_port()
-            backend = Nginx(a.nginx_bin, self.work, "ceiling-backend", ceiling_server(port), port)
             self.nginx_to("ceiling", "nginx -> nginx `return 200;` (the ceiling)", ("ceiling",),
-                          backend, "ceiling", cookie, auth_port=port, enforced=False)
+                          self.ceiling_backend("ceiling-backend", port), "ceiling", cookie, auth_port=port,
+                          enforced=False)
         row = self.row("authd", "nginx", "nginx -> authd, cookie", ("nginx",))
         if row:
             ng = self.authd_nginx()
             check_get(ng.port, STATIC_PAGE, cookie(), 200, FILE_BODY, row.label)
             wrk_row(a, row, authd, ng, lambda: (self.url(ng.port), cookie()))
+        self.unix_rows(cookie)
         if self.before:
             self.nginx_to("before", "nginx -> authd before (%s), cookie" % a.before_rev, ("before",),
                           self.before, "before", lambda: [self.cookie(self.before)])
@@ -988,6 +1013,26 @@ class Bench:
             rid = "auth_basic-" + fmt_name.strip("{}$").lower()
             if self.wanted("auth_basic"):
                 self.auth_basic_row(rid, label, flag)
+
+    def ceiling_backend(self, name, addr):
+        """The second nginx answering `return 200;` on `addr` (a loopback port or a unix socket path)."""
+        return Nginx(self.args.nginx_bin, self.work, name, ceiling_server(addr), addr)
+
+    def unix_rows(self, cookie):
+        """The ceiling and authd again, each behind nginx's auth upstream over a unix socket:
+        a second authd process (one authd listens on one socket) with AUTH_SOCKET; the cookie
+        comes from the first authd (same secret and users file)."""
+        if not self.wanted("unix"):
+            return
+        sock = str(self.work / "ceiling.sock")
+        self.nginx_to("ceiling-unix", "nginx -> nginx `return 200;` over a unix socket (the unix ceiling)",
+                      ("unix",), self.ceiling_backend("ceiling-unix-backend", sock), "ceiling-unix", cookie,
+                      auth_port=sock, enforced=False)
+        # nginx's worker runs as another user (nobody) when the benchmark runs as root
+        env = dict(self.base_env, AUTH_SOCKET=str(self.work / "authd.sock"), AUTH_SOCKET_MODE="0666")
+        authd_unix = Authd(self.args.authd_cmd, self.work / "after", env, "authd-unix")
+        self.nginx_to("authd-unix", "nginx -> authd, cookie, over a unix socket", ("unix",), authd_unix,
+                      "auth-unix", cookie)
 
     def plain_nginx(self):
         a = self.args
@@ -1363,7 +1408,8 @@ def aggregate(bench):
         base = {"nginx": "static", "caddy": "caddy-static"}.get(r["section"])
         r["pct_static"] = pct(r, by.get((base, r["conns"])))
         behind_auth_request = r["section"] == "nginx" and r["id"] != "static" and not r["id"].startswith("auth_basic")
-        r["pct_ceiling"] = pct(r, by.get(("ceiling", r["conns"]))) if behind_auth_request else None
+        ceiling = "ceiling-unix" if r["id"].endswith("-unix") else "ceiling"
+        r["pct_ceiling"] = pct(r, by.get((ceiling, r["conns"]))) if behind_auth_request else None
     return out
 
 
@@ -1392,7 +1438,7 @@ def machine_info():
             "python": platform.python_version(), "loadavg": os.getloadavg()}
 
 
-COLS = "%-54s %5s %8s %4s %6s %5s %7s %8s %4s %8s %7s %7s %7s %6s %5s\n"
+COLS = "%-66s %5s %8s %4s %6s %5s %7s %8s %4s %8s %7s %7s %7s %6s %5s\n"
 
 
 def report(args, bench, records, out=sys.stdout):
@@ -1440,7 +1486,7 @@ def header_lines(args, bench):
 
 def table_line(r):
     if r["na"]:
-        return "%-54s %5d  n/a (%s)\n" % (r["label"], r["conns"], r["na"])
+        return "%-66s %5d  n/a (%s)\n" % (r["label"], r["conns"], r["na"])
     rps = r["rps"]
     rss = None if r.get("auth_rss_kib") is None else r["auth_rss_kib"] / 1024
     return COLS % (
@@ -1470,6 +1516,8 @@ def ratio_lines(args, records, w):
     w("\nratios (medians of this run):\n")
     w("  nginx -> authd / ceiling, req/s: %s (issue 11: >= 70 %%)\n" % show(ratio("authd", "ceiling"), "%.0f %%"))
     w("  nginx -> authd / ceiling, p99: %s (issue 11: <= 3x at c64)\n" % show(ratio("authd", "ceiling", "p99_ms")))
+    w("  nginx -> authd / ceiling over unix sockets, req/s: %s\n"
+      % show(ratio("authd-unix", "ceiling-unix"), "%.0f %%"))
     w("  authd / authd before (%s), req/s: directly %s; through nginx %s (issue 11: directly >= 3x)\n"
       % (args.before_rev, show(ratio("authd-direct", "before-direct")), show(ratio("authd", "before"))))
     w("  authd / stdlib anchor, req/s: directly %s; through nginx %s\n"
@@ -1485,13 +1533,17 @@ def ratio_lines(args, records, w):
         if r:
             w("  %s: p50 %.2f ms, p99 %.2f ms, max %.1f ms; %d logins meanwhile (issue 11: p99 < 5 ms)\n"
               % (r["label"], r["p50_ms"], r["p99_ms"], r["max_ms"], r["logins"]))
+    spread_line(by, ratios, w)
+    return ratios
+
+
+def spread_line(by, ratios, w):
     spread = [(r["rps_spread_pct"], r["label"], r["conns"]) for r in by.values() if r.get("rps_spread_pct") is not None]
     if spread:
         worst = max(spread)
         ratios["worst_spread_pct"] = worst[0]
         w("  spread of req/s over repetitions: largest ±%.0f %% (%s, c%d); %d of %d rows over ±15 %% (issue 11: none)\n"
           % (worst[0], worst[1], worst[2], sum(s[0] > 15 for s in spread), len(spread)))
-    return ratios
 
 
 def memory_lines(bench, w):
@@ -1521,11 +1573,12 @@ def parse_args(argv):
         description="Benchmark authd behind nginx auth_request and Caddy forward_auth, with its anchors, "
                     "on loopback, in one run. Needs nginx and wrk (%s); caddy, htpasswd (apache2-utils) "
                     "and git when present." % INSTALL_HINT,
-        epilog="Rows: nginx static file; auth_request to a `return 200;` nginx (ceiling), to authd, to authd "
-               "before (--before), to a stdlib ThreadingHTTPServer HS256 anchor, to authd with the micro-cache, "
-               "with a cached Basic pair, with a Bearer token; nginx auth_basic {SHA} and $apr1$; the same auth "
-               "servers directly; Caddy static and forward_auth; paced latency runs, also while logins run; "
-               "logins/s with the default-cost hash; RSS with many idle keep-alive connections and after all runs. "
+        epilog="Rows: nginx static file; auth_request to a `return 200;` nginx (ceiling), to authd, the same "
+               "two over unix sockets (unix), to authd before (--before), to a stdlib ThreadingHTTPServer HS256 "
+               "anchor, to authd with the micro-cache, with a cached Basic pair, with a Bearer token; nginx "
+               "auth_basic {SHA} and $apr1$; the same auth servers directly; Caddy static and forward_auth; "
+               "paced latency runs, also while logins run; logins/s with the default-cost hash; RSS with many "
+               "idle keep-alive connections and after all runs. "
                "Groups for --only/--skip: " + ", ".join(GROUPS))
     p.add_argument("--duration", type=int, default=5, help="seconds per measured run (default 5)")
     p.add_argument("--reps", type=int, default=None, help="repetitions per row, interleaved (default 3; 2 with --tiny)")
