@@ -838,12 +838,15 @@ def parse_lines(text, path, parse_line, keys, repeated):
         except ValueError as e:
             problems.append("%s line %d: %s" % (path, number, e))
             continue
-        earlier = [first_seen[key] for key in keys(item) if key in first_seen] if item is not None else []
+        if item is None:
+            entries.append(line)
+            continue
+        earlier = [first_seen[key] for key in keys(item) if key in first_seen]
         if earlier:
             problems.append("%s line %d: %s" % (path, number, repeated(item, earlier[0])))
             continue
-        first_seen.update(dict.fromkeys(keys(item), number) if item is not None else {})
-        entries.append(line if item is None else item)
+        first_seen.update(dict.fromkeys(keys(item), number))
+        entries.append(item)
     if problems:
         raise UsersFileError(problems)
     return entries
@@ -3004,8 +3007,8 @@ class App:
         if wait:
             log("warning", "login rate limit hit from %s user=%s" % (request.client_ip(), quoted(name)))
             LOGIN_COUNTS.add("rate-limited")
-            return retry_after(self.login_failed(request, wants_json, 429, "Too many attempts; try again in %d seconds"
-                                                 % wait, target, name), wait)
+            message = "Too many attempts; try again in %d seconds" % wait
+            return retry_after(self.login_failed(request, wants_json, 429, message, target, name), wait)
         return Later(self.finish_login, request, wants_json, name, password, target)
 
     def count_attempt(self, address, name):
@@ -3338,8 +3341,8 @@ class App:
             return self.login_failed(request, False, 401, "This sign-in has expired; please sign in again", target)
         wait = self.count_code(request.client_ip(), user.name)
         if wait:
-            return retry_after(self.login_failed(request, False, 429, "Too many attempts; try again in %d seconds" % wait,
-                                                 target), wait)
+            message = "Too many attempts; try again in %d seconds" % wait
+            return retry_after(self.login_failed(request, False, 429, message, target), wait)
         if not self.codes.try_code(claims["jti"], claims["exp"], now):
             return self.login_failed(request, False, 401, "Too many codes; please sign in again", target, user.name)
         return self.check_step(request, user, fields, claims, target, now)
@@ -3429,8 +3432,8 @@ class App:
             return self.totp_page(request, user, now, 400, "The form data is malformed")
         wait = self.count_code(request.client_ip(), user.name)
         if wait:
-            return retry_after(self.totp_page(request, user, now, 429, "Too many attempts; try again in %d seconds" % wait),
-                               wait)
+            message = "Too many attempts; try again in %d seconds" % wait
+            return retry_after(self.totp_page(request, user, now, 429, message), wait)
         return self.change_totp(request, user, claims, fields, now)
 
     def change_totp(self, request, user, claims, fields, now):
