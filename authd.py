@@ -10,7 +10,9 @@ plain text file. See README.md.
 The file reads in the order data flows, one banner per section:
 logging -> counting -> settings -> password hashes -> users file -> tokens ->
 API clients -> two-factor codes -> rate limits -> request and reply -> QR codes ->
-pages -> app -> metrics -> server -> command line -> main.
+pages -> app -> metrics -> server -> command line -> main. To serve, main
+re-runs this file once in the same process (os.execv, then runpy): the only
+exec authd does, explained at the end.
 """
 
 import argparse
