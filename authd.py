@@ -3576,6 +3576,9 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 RELEASE_AFTER_CLOSED = 1000  # connections closed since the peak before memory goes back
+# Looked up once, at start: a CDLL made per call is a new class, a cycle
+# that outlives the collection just run, made among what the burst freed.
+MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
 
 
 def release_memory():
@@ -3584,9 +3587,8 @@ def release_memory():
     itself), freed only by the cycle collector, which an idle server does not
     run; and glibc keeps freed memory for reuse."""
     gc.collect()
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only; elsewhere nothing to do
-    if trim is not None:
-        trim(0)
+    if MALLOC_TRIM is not None:  # elsewhere nothing to do
+        MALLOC_TRIM(0)
 
 
 def internal_error(request, error):
@@ -3706,7 +3708,7 @@ class Server:
 
     def __init__(self, app, sock, where):
         self.app, self.sock, self.where = app, sock, where
-        self.connections, self.accepted, self.waiting_hashes, self.peak = set(), 0, 0, 0
+        self.connections, self.accepted, self.waiting_hashes, self.peak, self.last_count = set(), 0, 0, 0, 0
         self.draining = self.accepting = False
         self.owned_path = None  # a unix socket file to remove at exit
         self.loop = asyncio.new_event_loop()
@@ -3778,14 +3780,21 @@ class Server:
             connection.process()
 
     def sweep(self):
-        """Close the connections whose deadline passed; every SWEEP_EVERY."""
+        """Close the connections whose deadline passed; every SWEEP_EVERY.
+        Once RELEASE_AFTER_CLOSED connections closed since the peak, memory
+        goes back when the drop is over (none open, or no fewer than at the
+        last sweep): released in the middle of it, the transports of those
+        that closed after stayed uncollected (cycles) until the next drop."""
         now = time.monotonic()
         for connection in [c for c in self.connections if c.deadline <= now and not c.busy]:
             connection.timed_out()
-        self.peak = max(self.peak, len(self.connections))
-        if self.peak - len(self.connections) >= RELEASE_AFTER_CLOSED:
-            self.peak = len(self.connections)
+        count = len(self.connections)
+        self.peak = max(self.peak, count)
+        if self.peak - count >= RELEASE_AFTER_CLOSED and (count == 0 or count >= self.last_count):
+            # a set never shrinks: a fresh one, not a table sized for the peak
+            self.peak, self.connections = count, set(self.connections)
             release_memory()
+        self.last_count = count
         self.loop.call_later(SWEEP_EVERY, self.sweep)
 
     def stop(self, timeout):
