@@ -176,6 +176,40 @@ def test_ten_thousand_idle_keepalive_connections(authd, many_files):
     assert a.request("GET", PREFIX + "/healthz").status == 200
 
 
+class Open:
+    """A connection in the server's set whose deadline never comes."""
+    deadline, busy = float("inf"), False
+
+
+def test_memory_goes_back_once_a_drop_of_connections_is_over(monkeypatch):
+    """After a burst, the sweeper releases memory (collects the closed
+    transports' cycles, trims malloc) when the drop is over: no connection
+    open, or no fewer than at the last sweep. Released in the middle of it,
+    the transports of those that closed after would stay uncollected."""
+    released = []
+    monkeypatch.setattr(A, "release_memory", lambda: released.append(len(server.connections)))
+    with socket.socket() as sock:
+        server = A.Server(None, sock, "test")
+        try:
+            burst = [Open() for _ in range(A.RELEASE_AFTER_CLOSED + 500)]
+            server.connections.update(burst)
+            server.sweep()  # the peak
+            for c in burst[:A.RELEASE_AFTER_CLOSED + 100]:
+                server.connections.discard(c)
+            server.sweep()  # fewer than at the last sweep: still dropping
+            assert released == []
+            server.sweep()  # the drop is over
+            assert released == [400]
+            server.connections.update(burst)
+            server.sweep()
+            server.connections.clear()
+            server.sweep()  # none open: at once
+            assert released == [400, 0]
+        finally:
+            server.loop.close()
+            server.pool.shutdown()
+
+
 def test_pipelined_requests_wait_behind_a_login_and_keep_their_order(authd):
     """A login (run on the hash pool) followed on the same connection by an
     auth check: the answers come back in the order asked."""
