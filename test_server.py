@@ -10,7 +10,7 @@ import time
 import pytest
 
 import authd as A
-from conftest import Authd, Raw, fast_hash, proc_status
+from conftest import Authd, Raw, fast_hash, proc_status, wait_until
 
 PREFIX = "/__auth"
 CAROL_PW = "carol-password"
@@ -158,22 +158,29 @@ def open_idle_connections(port, count, request):
 def test_ten_thousand_idle_keepalive_connections(authd, many_files):
     """Connections cost a transport, not a thread: with 10,000 idle
     keep-alive connections open, authd answers the auth check at once, runs
-    on a handful of threads, and stays under 100 MiB resident."""
+    on a handful of threads, and stays under 100 MiB resident. Once they
+    close, it gives back nearly all the memory they took (with Python's own
+    allocator, which authd no longer uses on glibc, about half stayed)."""
     a = authd(users=["dave:" + fast_hash("dave-password")], env={"AUTH_IDLE_TIMEOUT": "600"})
     token = a.login("dave", "dave-password")
     request = b"GET " + PREFIX.encode() + b"/healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+    before = proc_status(a.proc.pid, "VmRSS")
     socks, answered = open_idle_connections(a.port, 10000, request)
     try:
         assert answered == 10000
         assert a.auth(token).status == 200
-        rss = proc_status(a.proc.pid, "VmRSS")
-        assert rss < 100 * 1024, "authd holds %d KiB with 10,000 idle connections" % rss
+        held = proc_status(a.proc.pid, "VmRSS")
+        assert held < 100 * 1024, "authd holds %d KiB with 10,000 idle connections" % held
         threads = proc_status(a.proc.pid, "Threads")
         assert threads <= 4, threads
     finally:
         for s in socks:
             s.close()
     assert a.request("GET", PREFIX + "/healthz").status == 200
+    bound = before + (held - before) // 4
+    wait_until(lambda: proc_status(a.proc.pid, "VmRSS") <= bound, timeout=30,
+               what=lambda: "RSS back under %d KiB (before %d, held %d, now %d)" % (
+                   bound, before, held, proc_status(a.proc.pid, "VmRSS")))
 
 
 class Open:
