@@ -3604,11 +3604,11 @@ class Connection(asyncio.Protocol):
     header timeout from its first byte, whatever pace the client sends at
     (slow-loris); a new connection must start one within it too."""
     __slots__ = ("server", "transport", "peer", "buffer", "pending", "length", "deadline",
-                 "busy", "closed", "write_paused")
+                 "busy", "closed", "write_paused", "read_paused")
 
     def __init__(self, server):
         self.server, self.buffer, self.pending, self.length = server, b"", None, 0
-        self.busy = self.closed = self.write_paused = False
+        self.busy = self.closed = self.write_paused = self.read_paused = False
 
     def connection_made(self, transport):
         self.transport = transport
@@ -3633,8 +3633,9 @@ class Connection(asyncio.Protocol):
         if not self.buffer and self.pending is None:
             self.deadline = time.monotonic() + self.server.app.settings.header_timeout
         self.buffer += data
-        if len(self.buffer) > MAX_BUFFERED:
+        if len(self.buffer) > MAX_BUFFERED and not self.read_paused:
             self.transport.pause_reading()  # until the requests already here are answered
+            self.read_paused = True
         self.process()
 
     def process(self):
@@ -3645,11 +3646,12 @@ class Connection(asyncio.Protocol):
             except HTTPError as e:
                 return self.send(render_reply(text_reply(e.status, str(e)), None, True), close=True)
             if request is None:
-                return
+                break  # the rest is a partial request: read on (resume below if paused)
             self.answer(request)
         if not (self.busy or self.closed):
-            if len(self.buffer) <= MAX_BUFFERED:
-                self.transport.resume_reading()
+            if self.read_paused and len(self.buffer) <= MAX_BUFFERED:
+                self.transport.resume_reading()  # asked only when paused: it costs a call per request
+                self.read_paused = False
             if not self.buffer and self.pending is None and not self.write_paused:
                 self.deadline = time.monotonic() + self.server.idle_timeout()
 

@@ -229,6 +229,22 @@ def test_pipelined_requests_wait_behind_a_login_and_keep_their_order(authd):
     s.close()
 
 
+def test_a_pipelined_pile_beyond_the_buffer_bound_is_read_again_once_answered(authd):
+    """A client pipelines far more than MAX_BUFFERED behind a login: authd
+    stops reading while the login's hash runs, then reads on, and every
+    request is answered, in order."""
+    a = authd(users=["carol:" + A.hash_password(CAROL_PW)])
+    health = b"GET " + PREFIX.encode() + b"/healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+    count = 3 * A.MAX_BUFFERED // len(health)
+    s = Raw(a.port, timeout=60)
+    sender = threading.Thread(target=s.send, args=(login_bytes("carol", CAROL_PW) + health * count,), daemon=True)
+    sender.start()
+    statuses = [s.response().status for _ in range(count + 1)]
+    sender.join(60)
+    s.close()
+    assert statuses == [200] * (count + 1)
+
+
 def test_the_server_imports_nothing_from_its_working_folder(tmp_path):
     """The server re-runs its file through runpy (to free the script's parse
     tree); that must not put the working folder on the import path, where a
