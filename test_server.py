@@ -160,7 +160,7 @@ def test_ten_thousand_idle_keepalive_connections(authd, many_files):
     keep-alive connections open, authd answers the auth check at once, runs
     on a handful of threads, and stays under 100 MiB resident. Once they
     close, it gives back nearly all the memory they took (with Python's own
-    allocator, which authd no longer uses on glibc, about half stayed)."""
+    allocator, which authd no longer uses on glibc, about three quarters stayed)."""
     a = authd(users=["dave:" + fast_hash("dave-password")], env={"AUTH_IDLE_TIMEOUT": "600"})
     token = a.login("dave", "dave-password")
     request = b"GET " + PREFIX.encode() + b"/healthz HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -239,7 +239,7 @@ def test_a_pipelined_pile_beyond_the_buffer_bound_is_read_again_once_answered(au
     s = Raw(a.port, timeout=60)
     sender = threading.Thread(target=s.send, args=(login_bytes("carol", CAROL_PW) + health * count,), daemon=True)
     sender.start()
-    statuses = [s.response().status for _ in range(count + 1)]
+    statuses = [getattr(s.response(), "status", None) for _ in range(count + 1)]  # None: closed early
     sender.join(60)
     s.close()
     assert statuses == [200] * (count + 1)
