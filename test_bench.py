@@ -199,6 +199,79 @@ def test_logins_use_the_default_cost_hash(tiny_run):
     assert login > 100 * max(check, 1), (login, check)
 
 
+def bench_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("authd_bench", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def wrk_percentile(sorted_us, p):
+    """wrk's own rule (stats_percentile in its stats.c): the least latency whose
+    cumulative count reaches round(p / 100 * count + 0.5)."""
+    rank = min(max(round(p / 100 * len(sorted_us) + 0.5), 1), len(sorted_us))
+    return sorted_us[rank - 1]
+
+
+def wrk_part(latencies_us, seconds=1.0):
+    """What parse_wrk makes of one wrk run that saw these latencies."""
+    mod = bench_module()
+    lat = sorted(latencies_us)
+    q = [(p, (lat[0] if p == 0 else lat[-1] if p == 100 else wrk_percentile(lat, p)) / 1000) for p in mod.QUANTILES]
+    return {"requests": len(lat), "duration": seconds, "quantiles_ms": q, "max_ms": q[-1][1], "errors": 0,
+            "error_detail": {}, "auth_cpu_us": 20.0, "proxy_cpu_us": None, "other_cpu_pct": 1.0, "start_s": 0.0}
+
+
+def test_the_slices_of_a_repetition_pool_their_latencies_like_one_run():
+    """A repetition measured in slices reports the percentiles of all its requests
+    together, checked against the exact percentile of the pooled samples."""
+    import random
+    mod = bench_module()
+    rnd = random.Random(11)
+    fast = [int(rnd.lognormvariate(6.2, 0.4)) + 1 for _ in range(90000)]   # about 0.5 ms
+    slow = [int(rnd.lognormvariate(8.5, 0.5)) + 1 for _ in range(6000)]    # about 5 ms: a slow second
+    for lat in (fast, slow):
+        part = wrk_part(lat)
+        for p, ms in part["quantiles_ms"][1:-1]:  # one slice: exactly its own figures
+            assert mod.pooled_percentile([part], p) == pytest.approx(ms, rel=1e-9), p
+    parts = [wrk_part(fast[:45000]), wrk_part(slow), wrk_part(fast[45000:])]
+    pooled = sorted(fast + slow)
+    for p in (50, 90, 99):
+        exact = wrk_percentile(pooled, p) / 1000
+        assert mod.pooled_percentile(parts, p) == pytest.approx(exact, rel=0.02), p
+    merged = mod.merge_slices(parts)
+    assert merged["requests"] == len(pooled) and merged["duration"] == 3.0
+    assert merged["rps"] == pytest.approx(len(pooled) / 3.0)
+    assert merged["max_ms"] == max(pooled) / 1000 and merged["proxy_cpu_us"] is None
+    assert merged["p50_ms"] < merged["p99_ms"] <= merged["max_ms"]
+
+
+def test_a_repetition_is_slices_spread_over_the_run():
+    """With --duration 2 each wrk row's repetition is two 1 s runs, and the slices of the
+    two repetitions alternate in time: a slow stretch of the machine falls on both."""
+    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+    need(nginx and shutil.which("wrk"), "the benchmark needs nginx and wrk (apt-get install nginx-light wrk)")
+    r = bench("--tiny", "--duration", "2", "--only", "nginx", "--skip", "basic,token,auth_basic,before",
+              "--python", sys.executable, "--authd", AUTHD, "--json", "/dev/stdout")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout[r.stdout.index("{\n"):])
+    rows = {x["id"]: x for x in data["results"] if not x["na"]}
+    assert {"static", "authd"} <= set(rows), sorted(rows)
+    assert "wrk rows in 2 slices of 1 s spread over the run" in r.stdout
+    for rid, row in rows.items():
+        assert len(row["reps"]) == TINY_REPS and row["errors"] == 0, row
+        starts = sorted((t, i) for i, rep in enumerate(row["reps"]) for t in rep["slice_starts_s"])
+        assert [i for _, i in starts] == [0, 1, 0, 1], (rid, starts)
+        for rep in row["reps"]:
+            assert rep["requests"] > 0 and 0 < rep["p50_ms"] <= rep["p99_ms"] <= rep["max_ms"], rep
+
+
+def test_a_slice_that_does_not_divide_the_duration_is_refused():
+    r = bench("--duration", "5", "--slice", "2")
+    assert r.returncode == 2 and "--slice" in r.stderr and "Traceback" not in r.stderr
+
+
 # ---------------------------------------------------------------------------- the stdlib anchor
 
 def hs256(claims, key, alg="HS256"):

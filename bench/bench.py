@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """authd benchmark: every figure in one run, side by side, each row repeated (default 3
 times, interleaved: repetition 1 of every row, then repetition 2, ...) with its spread.
+A repetition of a saturating wrk row is made of 1 s slices spread over the whole run
+(`--slice`), because the shared machines drift in speed over tens of seconds.
 
 Needs nginx and wrk (Debian: `apt-get install nginx-light wrk`); uses, when present,
 Caddy (`caddy`), htpasswd (`apache2-utils`) and git (for the "before" rows); a row whose
@@ -66,17 +68,23 @@ SLOW_USER = "benchslow"     # authd's default-cost hash: logins, Basic pairs
 BASIC_USER = "benchbasic"   # nginx auth_basic's htpasswd user
 DEFAULT_BEFORE = "a2595e4"  # the release before the asyncio rewrite (issue 11)
 
-# wrk reports through this script: one parseable line from the `done` callback.
+# wrk reports through this script: one parseable line from the `done` callback, with its
+# latency at the percentiles of QUANTILES (its minimum first, its maximum last), so that the
+# latencies of several runs can be pooled (pooled_percentile).
+QUANTILES = (0, 10, 25, 50, 60, 70, 75, 80, 85, 90, 95, 97.5, 99, 99.5, 99.9, 99.99, 100)
 WRK_LUA_DONE = r'''
 done = function(summary, latency, requests)
   local e = summary.errors
+  local q = {latency.min}
+  for _, p in ipairs({%s}) do q[#q + 1] = latency:percentile(p) end
+  q[#q + 1] = latency.max
   io.write(string.format(
-    "WRKRESULT requests=%d duration_us=%d p50_us=%.1f p99_us=%.1f mean_us=%.1f max_us=%.1f " ..
-    "err_connect=%d err_read=%d err_write=%d err_status=%d err_timeout=%d\n",
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
-    latency.mean, latency.max, e.connect, e.read, e.write, e.status, e.timeout))
+    "WRKRESULT requests=%%d duration_us=%%d quantiles_us=%%s " ..
+    "err_connect=%%d err_read=%%d err_write=%%d err_status=%%d err_timeout=%%d\n",
+    summary.requests, summary.duration, table.concat(q, ","),
+    e.connect, e.read, e.write, e.status, e.timeout))
 end
-'''
+''' % ", ".join(str(p) for p in QUANTILES[1:-1])
 
 
 class BenchError(Exception):
@@ -685,13 +693,14 @@ def parse_wrk(cmd, returncode, output):
     m = re.search(r"^WRKRESULT (.*)$", output, re.M)
     if returncode != 0 or not m:
         raise BenchError("wrk failed (status %s): %s\n%s" % (returncode, " ".join(cmd), output))
-    res = {k: float(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
+    res = dict(kv.split("=") for kv in m.group(1).split())
+    quantiles = [(p, float(us) / 1000) for p, us in zip(QUANTILES, res.pop("quantiles_us").split(","))]
+    res = {k: float(v) for k, v in res.items()}
     dur = res["duration_us"] / 1e6
-    return {"requests": int(res["requests"]), "duration": dur,
-            "rps": res["requests"] / dur if dur else 0.0,
-            "p50_ms": res["p50_us"] / 1000, "p99_ms": res["p99_us"] / 1000, "max_ms": res["max_us"] / 1000,
-            "errors": int(sum(v for k, v in res.items() if k.startswith("err_"))),
-            "error_detail": {k[4:]: int(v) for k, v in res.items() if k.startswith("err_") and v}}
+    errors = {k[4:]: int(v) for k, v in res.items() if k.startswith("err_") and v}
+    return {"requests": int(res["requests"]), "duration": dur, "rps": res["requests"] / dur if dur else 0.0,
+            "quantiles_ms": quantiles, "p50_ms": dict(quantiles)[50], "p99_ms": dict(quantiles)[99],
+            "max_ms": quantiles[-1][1], "errors": sum(errors.values()), "error_detail": errors}
 
 
 def run_wrk(args, url, connections, duration, headers=(), lua_extra="", timeout_s=None):
@@ -701,6 +710,60 @@ def run_wrk(args, url, connections, duration, headers=(), lua_extra="", timeout_
     except subprocess.TimeoutExpired:
         raise BenchError("wrk did not finish: %s" % " ".join(cmd))
     return parse_wrk(cmd, r.returncode, r.stdout + r.stderr)
+
+
+def share_at_most(quantiles, x):
+    """The share of a run's requests with a latency of at most x, taken as linear between
+    the percentiles wrk reported (exact at each of them)."""
+    if x < quantiles[0][1]:
+        return 0.0
+    for (p0, x0), (p1, x1) in zip(quantiles, quantiles[1:]):
+        if x < x1:
+            return (p0 + (p1 - p0) * (x - x0) / (x1 - x0)) / 100
+    return 1.0
+
+
+def pooled_percentile(parts, p):
+    """The p-th percentile of the latencies of several wrk runs pooled together: the least
+    latency that at least p % of all their requests stayed within (bisection)."""
+    total = sum(r["requests"] for r in parts)
+    if not total:
+        return None
+    lo = min(r["quantiles_ms"][0][1] for r in parts)
+    hi = max(r["quantiles_ms"][-1][1] for r in parts)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if sum(r["requests"] * share_at_most(r["quantiles_ms"], mid) for r in parts) >= total * p / 100:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def weighted(parts, key, weight):
+    values = [(r[key], r[weight]) for r in parts]
+    if any(v is None for v, _ in values):
+        return None
+    return sum(v * w for v, w in values) / max(sum(w for _, w in values), 1e-9)
+
+
+def merge_slices(parts):
+    """One repetition from the slices it was measured in: as if they were one long run."""
+    if len(parts) == 1:
+        return parts[0]
+    requests, duration = sum(r["requests"] for r in parts), sum(r["duration"] for r in parts)
+    details = {}
+    for r in parts:
+        for k, v in r["error_detail"].items():
+            details[k] = details.get(k, 0) + v
+    hwm = [r["auth_hwm_kib"] for r in parts if r.get("auth_hwm_kib") is not None]
+    return {"requests": requests, "duration": duration, "rps": requests / duration if duration else 0.0,
+            "slice_starts_s": [r["start_s"] for r in parts], "p50_ms": pooled_percentile(parts, 50), "p99_ms": pooled_percentile(parts, 99),
+            "max_ms": max(r["max_ms"] for r in parts), "errors": sum(r["errors"] for r in parts),
+            "error_detail": details, "auth_cpu_us": weighted(parts, "auth_cpu_us", "requests"),
+            "proxy_cpu_us": weighted(parts, "proxy_cpu_us", "requests"),
+            "other_cpu_pct": weighted(parts, "other_cpu_pct", "duration"),
+            "auth_rss_kib": parts[-1].get("auth_rss_kib"), "auth_hwm_kib": max(hwm) if hwm else None}
 
 
 def login_lua(password):
@@ -750,6 +813,7 @@ class Measure:
         """Per-request CPU, RSS and, for saturating runs, the noise meter: /proc/stat is
         sampled by the tick, so at low load (the paced runs) it means nothing."""
         n = max(res["requests"], 1)
+        res["start_s"] = round(self.t0 - T0, 3)
         res["auth_cpu_us"] = (self.a1 - self.a0) / n * 1e6 if self.auth else None
         res["proxy_cpu_us"] = (self.n1 - self.n0) / n * 1e6 if self.proxy else None
         res["auth_rss_kib"], res["auth_hwm_kib"] = self.mem if self.mem else (None, None)
@@ -801,15 +865,21 @@ class Row:
         self.na = None          # why this row cannot run here
         self.run = None         # run(conns) -> one result
         self.warm = None        # once before the first repetition
-        self.runs = {}          # conns -> [result, ...]
+        self.runs = {}          # conns -> [result, ...], one per repetition
+        self.slices = 1         # runs a repetition is measured in (wrk rows: --duration / --slice)
+        self.parts = {}         # (conns, repetition) -> [result of one slice, ...]
         self.max_reps = None    # fewer repetitions than the others (--tiny: the login rows)
         self.extra = {}
 
-    def result(self, res, conns):
-        self.runs.setdefault(conns, []).append(res)
+    def result(self, res, conns, rep):
+        self.parts.setdefault((conns, rep), []).append(res)
         log("%-66s c=%-3s %9.0f req/s  p50 %.3f ms  p99 %.3f ms  errors %d %s"
             % (self.label, conns, res["rps"], res["p50_ms"], res["p99_ms"], res["errors"],
                res["error_detail"] or ""))
+
+    def merge(self):
+        for (conns, rep), parts in sorted(self.parts.items()):
+            self.runs.setdefault(conns, []).append(merge_slices(parts))
 
 
 def wrk_row(args, row, auth, proxy, target):
@@ -818,7 +888,7 @@ def wrk_row(args, row, auth, proxy, target):
     def run(c):
         url, headers = target()
         with Measure(auth, proxy) as m:
-            res = run_wrk(args, url, c, args.duration, headers)
+            res = run_wrk(args, url, c, args.duration // args.slices, headers)
         return m.annotate(res)
 
     def warm():
@@ -826,7 +896,7 @@ def wrk_row(args, row, auth, proxy, target):
             url, headers = target()
             run_wrk(args, url, 16, args.warmup, headers)
 
-    row.run, row.warm = run, warm
+    row.run, row.warm, row.slices = run, warm, args.slices
     return row
 
 
@@ -979,7 +1049,7 @@ class Bench:
     def nginx_rows(self):
         a, authd = self.args, self.authd
         cookie = lambda: [self.cookie(authd)]
-        if self.wanted("nginx", "auth_basic"):
+        if self.wanted("nginx") or self.wanted("auth_basic"):  # --skip auth_basic keeps the static row
             self.plain_nginx()
         if self.wanted("ceiling"):
             port = free_port()
@@ -1230,15 +1300,24 @@ class Bench:
     # -- measuring ---------------------------------------------------------------
 
     def measure(self):
-        for rep in range(self.args.reps):
-            log("repetition %d of %d" % (rep + 1, self.args.reps))
+        """Every row `--reps` times. The machines are shared and their speed drifts over
+        tens of seconds, so a repetition of a wrk row is `--slices` short runs spread over
+        the whole benchmark: pass n measures one slice of every wrk row for repetition
+        n % reps. The other rows run once every `--slices` passes."""
+        a = self.args
+        for n in range(a.reps * a.slices):
+            log("pass %d of %d" % (n + 1, a.reps * a.slices))
             for row in self.rows:
-                if row.na or row.run is None or (row.max_reps is not None and rep >= row.max_reps):
+                rep = n % a.reps if row.slices > 1 else n // a.slices
+                if row.na or row.run is None or (row.slices == 1 and n % a.slices) or \
+                        (row.max_reps is not None and rep >= row.max_reps):
                     continue
-                if rep == 0 and row.warm:
+                if n == 0 and row.warm:
                     row.warm()
                 for c in row.conns:
-                    row.result(row.run(c), c)
+                    row.result(row.run(c), c, rep)
+        for row in self.rows:
+            row.merge()
 
     def idle_figures(self):
         for name, a in (("authd", self.authd), ("authd before", self.before)):
@@ -1478,8 +1557,9 @@ def header_lines(args, bench):
         "bench/clients.py" % (Path(args.python).name, args.python_version,
                               tool_version([args.nginx_bin, "-v"]).replace("nginx version: ", ""), caddy,
                               tool_version([args.wrk, "--version"]).split(" [")[0]),
-        "%g s per run, %d repetitions per row (interleaved), figures are medians, ±%% = largest distance of a "
-        "repetition from the median" % (args.duration, args.reps),
+        "%g s per run, %d repetitions per row (interleaved%s), figures are medians, ±%% = largest distance "
+        "of a repetition from the median" % (args.duration, args.reps, "; wrk rows in %d slices of %d s spread over "
+                                            "the run" % (args.slices, args.slice) if args.slices > 1 else ""),
         "authd = %s; authd before = authd.py of %s (git show)" % (args.authd, args.before_rev),
     ]
 
@@ -1580,8 +1660,10 @@ def parse_args(argv):
                "paced latency runs, also while logins run; logins/s with the default-cost hash; RSS with many "
                "idle keep-alive connections and after all runs. "
                "Groups for --only/--skip: " + ", ".join(GROUPS))
-    p.add_argument("--duration", type=int, default=5, help="seconds per measured run (default 5)")
+    p.add_argument("--duration", type=int, default=None, help="seconds per measured run (default 5; 1 with --tiny)")
     p.add_argument("--reps", type=int, default=None, help="repetitions per row, interleaved (default 3; 2 with --tiny)")
+    p.add_argument("--slice", type=int, default=1, help="wrk rows: a repetition is --duration / --slice runs of this "
+                   "many seconds, spread over the whole benchmark (default 1; 0: one run of --duration)")
     p.add_argument("--warmup", type=int, default=None, help="seconds of warm-up before a row (default 1; 0 with --tiny)")
     p.add_argument("--tiny", action="store_true", help="1 s runs, c16 only, 2 repetitions (the login rows 1), "
                    "300 idle connections (used by test_bench.py)")
@@ -1617,13 +1699,11 @@ def parse_args(argv):
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
     args = p.parse_args(argv)
     tiny = args.tiny
-    defaults = {"reps": (3, 2), "warmup": (1, 0), "connections": ("16,64", "16"), "idle": (10000, 300),
+    defaults = {"duration": (5, 1), "reps": (3, 2), "warmup": (1, 0), "connections": ("16,64", "16"), "idle": (10000, 300),
                 "idle_hold": (3.0, 1.0), "idle_timeout": (60.0, 15.0)}
     for name, (full, small) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, small if tiny else full)
-    if tiny:
-        args.duration = 1
     for name in ("only", "skip"):
         groups = {g.strip() for g in getattr(args, name).split(",") if g.strip()}
         if groups - set(GROUPS):
@@ -1636,6 +1716,9 @@ def parse_args(argv):
         p.error("--connections: a comma list of numbers")
     if not args.connections or min(args.connections) < 1 or args.duration <= 0 or args.rate < 1 or args.reps < 1:
         p.error("connections, duration, rate and reps must be positive")
+    if args.slice < 0 or (args.slice and args.duration % args.slice):
+        p.error("--slice: 0, or a number of seconds that divides --duration (%d)" % args.duration)
+    args.slices = args.duration // args.slice if args.slice else 1
     return args
 
 
