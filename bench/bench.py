@@ -758,7 +758,8 @@ def merge_slices(parts):
             details[k] = details.get(k, 0) + v
     hwm = [r["auth_hwm_kib"] for r in parts if r.get("auth_hwm_kib") is not None]
     return {"requests": requests, "duration": duration, "rps": requests / duration if duration else 0.0,
-            "slice_starts_s": [r["start_s"] for r in parts], "p50_ms": pooled_percentile(parts, 50), "p99_ms": pooled_percentile(parts, 99),
+            "slice_starts_s": [r["start_s"] for r in parts],
+            "p50_ms": pooled_percentile(parts, 50), "p99_ms": pooled_percentile(parts, 99),
             "max_ms": max(r["max_ms"] for r in parts), "errors": sum(r["errors"] for r in parts),
             "error_detail": details, "auth_cpu_us": weighted(parts, "auth_cpu_us", "requests"),
             "proxy_cpu_us": weighted(parts, "proxy_cpu_us", "requests"),
