@@ -2826,11 +2826,9 @@ class App:
         pair counts against the login rate limits."""
         header = request.headers["authorization"]
         key = self.pairs.key(header)
-        remembered = self.pairs.get(key, now)
-        if remembered is not None:
-            user = self.store.users.get(remembered[0])
-            if user is not None and user.line() == remembered[1]:
-                return self.identified(request, user, admin_only, "basic")
+        user = self.remembered(key, now)
+        if user is not None:
+            return self.identified(request, user, admin_only, "basic")
         kind, name, secret = parse_authorization(header)
         if kind == "token":
             return self.identified(request, self.tokens.find(secret, name, self.store.users, now), admin_only, "token")
@@ -2843,9 +2841,22 @@ class App:
         return Later(self.finish_basic, request, admin_only, name, secret, key,
                      busy=lambda: self.basic_busy(request, name))
 
+    def remembered(self, key, now):
+        """The user of a pair verified in the last few minutes, if their line
+        is still the one it was verified against."""
+        remembered = self.pairs.get(key, now)
+        user = self.store.users.get(remembered[0]) if remembered else None
+        return user if user is not None and user.line() == remembered[1] else None
+
     def finish_basic(self, request, admin_only, name, password, key):
-        """The costly half of a Basic check: verify the pair, remember it."""
+        """The costly half of a Basic check: verify the pair, remember it.
+        Checked again first: a client's first burst queues a job per request,
+        and all but those already running find the pair verified."""
         address = request.client_ip()
+        user = self.remembered(key, time.time())
+        if user is not None:
+            self.refund_attempt(address, name)
+            return self.identified(request, user, admin_only, "basic")
         try:
             user = self.check_password(name, password)
         except HashBusy:

@@ -259,6 +259,30 @@ def test_remembered_pair_costs_no_second_hash(tmp_path, authd):
     assert m.value("authd_hash_seconds_sum") > 0
 
 
+def test_a_pair_arriving_many_times_at_once_is_hashed_once_per_hash_thread(tmp_path, authd):
+    """A client's first burst (or its pair expiring from the cache under load) must not
+    queue one hash per request: a job that finds the pair verified by an earlier job
+    costs none. Only the jobs already running (one per hash thread, 2) may each hash."""
+    slow = "slowpw-" + "x" * 8
+    d = start(authd, tmp_path, users=USERS + ["dave:%s" % fast_hash(slow, rounds=15)])
+    h0 = hashes(d)
+    barrier, statuses = threading.Barrier(12), []
+
+    def one():
+        conn = d.connect()
+        barrier.wait()
+        statuses.append(d.request("GET", P + "/auth", headers=basic("dave", slow), conn=conn).status)
+        conn.close()
+    threads = [threading.Thread(target=one) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert statuses == [200] * 12, statuses
+    assert 1 <= hashes(d) - h0 <= 2, "one hash per hash thread at most, not one per request"
+    healthy(d)
+
+
 def test_remembered_pair_dropped_on_passwd(tmp_path, authd):
     d = start(authd, tmp_path)
     old = basic("alice", PW["alice"])
