@@ -48,7 +48,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import AUTHD, fast_hash, login_in_browser, need, run_cli, wait_until, write_users
+from conftest import AUTHD, SECRET, fast_hash, login_in_browser, need, run_cli, wait_until, write_users
 
 P = "/__auth"
 TOKEN_RE = re.compile(r"authd_[A-Za-z0-9_-]{43}")
@@ -692,6 +692,23 @@ def test_process_metrics_match_the_kernel(tmp_path, authd):
     assert c0 - 0.02 <= m.value("process_cpu_seconds_total") <= c1 + 0.02
     assert t0 - 2 <= m.value("process_start_time_seconds") <= t1 + 2
     assert 0.7 * rss <= m.value("process_resident_memory_bytes") <= 1.3 * rss
+
+
+def test_the_session_cache_stays_bounded_as_cookies_are_re_signed(tmp_path, authd):
+    """Every active user's cookie is re-signed once a minute and each new token is
+    cached (~1.3 KiB): the cache is emptied at 1,024 entries, not at 10,000 (13 MiB)."""
+    import jwt
+    d = start(authd, tmp_path)
+    real = jwt.decode(d.login("bob", PW["bob"]), SECRET, algorithms=["HS256"])
+    conn = d.connect()
+    for i in range(1100):
+        shift = {k: real[k] - i for k in ("iat", "exp", "auth_time")}
+        token = jwt.encode(dict(real, **shift), SECRET, algorithm="HS256")
+        r = d.request("GET", P + "/auth", headers={"Cookie": "authToken=" + token}, conn=conn)
+        assert r.status == 200, (i, r)
+    conn.close()
+    assert 1 <= scrape(d).value("authd_token_cache_entries") <= 1024
+    healthy(d)
 
 
 def test_connections_users_reloads_and_cache_gauges(tmp_path, authd):
