@@ -11,7 +11,7 @@ The file reads in the order data flows, one banner per section:
 logging -> counting -> settings -> password hashes -> users file -> tokens ->
 API clients -> two-factor codes -> rate limits -> request and reply -> QR codes ->
 pages -> app -> metrics -> server -> command line -> main. To serve, main
-re-runs this file once in the same process (os.execv, then runpy): the only
+re-runs this file once in the same process (os.execv, its code in a pipe): the only
 exec authd does, explained at the end.
 """
 
@@ -34,6 +34,7 @@ import html
 import ipaddress
 import itertools
 import json
+import marshal
 import os
 import re
 import resource
@@ -4484,21 +4485,51 @@ def main(argv=None):
 
 # Python keeps the parse tree of the script it runs until the script returns:
 # about 10 MiB for this file, for as long as the server runs. So the server
-# runs this file again, in the same process, through runpy, which frees the
-# tree once the code is compiled. Same interpreter flags; the script's folder
-# first on the import path, as for `python3 authd.py` (never the current
-# folder, which `python3 -c` would put there). On glibc, with glibc's malloc
-# for small objects too (PYTHONMALLOC=malloc, unless the operator set it):
-# after a burst of connections, malloc_trim gives back every free page, where
-# Python's own allocator frees only a wholly free 1 MiB arena, and the few
-# objects that outlive a burst keep some 8 of them (8 MiB) mapped.
-RUN_COMPILED = """import sys, os
+# runs this file again, in the same process (exec), with the code it compiled
+# handed over in a pipe: the new image has no parse tree and compiles nothing
+# (a compile peaks at 14 MiB, and the code objects left among that much freed
+# memory keep some 0.75 MiB of it mapped). If the pipe cannot hold the code,
+# the new image compiles the file itself. Same interpreter flags; the
+# script's folder first on the import path, as for `python3 authd.py` (never
+# the current folder, which `python3 -c` would put there). On glibc, with
+# glibc's malloc for small objects too (PYTHONMALLOC=malloc, unless the
+# operator set it): after a burst of connections, malloc_trim gives back
+# every free page, where Python's own allocator frees only a wholly free
+# 1 MiB arena, and the few objects that outlive a burst keep some 8 of them
+# (8 MiB) mapped.
+RUN_COMPILED = """import sys, os, marshal
 if sys.path[:1] == [""]:
-    sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[1]))
+    sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[2]))
+pipe = sys.argv.pop(1)
 del sys.argv[0]
-import runpy
-runpy.run_path(sys.argv[0], {"COMPILED": True}, "__main__")
+__file__, COMPILED = sys.argv[0], True
+with open(__file__ if pipe == "-" else int(pipe), "rb") as source:
+    code = compile(source.read(), __file__, "exec") if pipe == "-" else marshal.loads(source.read())
+del pipe, source
+exec(code)
 """
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; the name from Python 3.10
+
+
+def compiled_pipe():
+    """A pipe holding this file compiled, for the re-run; "-" if it cannot
+    hold it (not Linux, or the code outgrew fs.pipe-max-size)."""
+    with open(__file__, "rb") as f:
+        data = marshal.dumps(compile(f.read(), __file__, "exec"))
+    read_end, write_end = os.pipe()
+    try:
+        fcntl.fcntl(write_end, F_SETPIPE_SZ, len(data))
+        os.set_blocking(write_end, False)
+        written = os.write(write_end, data)
+    except OSError:
+        written = 0
+    finally:
+        os.close(write_end)
+    if written != len(data):
+        os.close(read_end)
+        return "-"
+    os.set_inheritable(read_end, True)
+    return str(read_end)
 
 
 def run_compiled():
@@ -4506,7 +4537,7 @@ def run_compiled():
     flags = getattr(subprocess, "_args_from_interpreter_flags", list)()  # -X, -W, -O, -I...: what multiprocessing uses
     if MALLOC_TRIM is not None:
         os.environ.setdefault("PYTHONMALLOC", "malloc")
-    os.execv(sys.executable, [sys.executable] + flags + ["-c", RUN_COMPILED] + sys.argv)
+    os.execv(sys.executable, [sys.executable] + flags + ["-c", RUN_COMPILED, compiled_pipe()] + sys.argv)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,15 @@ finding 3). Order of events, not durations, is what these tests assert."""
 import json
 import selectors
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 import authd as A
-from conftest import Authd, Raw, fast_hash, proc_status, wait_until
+from conftest import AUTHD, Authd, Raw, clean_environ, fast_hash, proc_status, wait_until
 
 PREFIX = "/__auth"
 CAROL_PW = "carol-password"
@@ -246,9 +248,9 @@ def test_a_pipelined_pile_beyond_the_buffer_bound_is_read_again_once_answered(au
 
 
 def test_the_server_imports_nothing_from_its_working_folder(tmp_path):
-    """The server re-runs its file through runpy (to free the script's parse
-    tree); that must not put the working folder on the import path, where a
-    file named like a standard module would be imported instead."""
+    """The server re-runs its file, compiled, in the same process (to free the
+    script's parse tree); that must not put the working folder on the import
+    path, where a file named like a standard module would be imported instead."""
     marker = tmp_path / "imported"
     for module in ("runpy", "json", "asyncio"):
         (tmp_path / (module + ".py")).write_text("open(%r, 'w').write(%r)\n" % (str(marker), module))
@@ -258,7 +260,20 @@ def test_the_server_imports_nothing_from_its_working_folder(tmp_path):
         conn.send(b"GET " + PREFIX.encode() + b"/healthz HTTP/1.1\r\nHost: t\r\n\r\n")
         assert conn.response().status == 200
         with open("/proc/%d/cmdline" % server.proc.pid, "rb") as f:
-            assert b"runpy" in f.read()  # the process authd started as, re-run through runpy
+            assert b"marshal.loads" in f.read()  # the process authd started as, re-run
         assert not marker.exists(), "imported %s.py from the working folder" % marker.read_text()
     finally:
         server.stop()
+
+
+def test_the_re_run_compiles_the_file_itself_when_no_pipe_holds_the_code(tmp_path):
+    """`serve` re-runs the file with its code in a pipe; where the pipe cannot
+    hold it ("-"), the re-run compiles the file. Both end as the same program:
+    here, the same one-line refusal of a bad port."""
+    def serve(*prefix):
+        return subprocess.run([sys.executable, *prefix, str(AUTHD), "serve", "--port", "70000"], cwd=str(tmp_path),
+                              capture_output=True, text=True, env=clean_environ({}), timeout=60)
+    piped, compiled = serve(), serve("-c", A.RUN_COMPILED, "-")
+    assert piped.returncode == compiled.returncode == 2, (piped, compiled)
+    assert "port" in piped.stderr.lower() and piped.stderr == compiled.stderr, (piped.stderr, compiled.stderr)
+    assert piped.stdout == compiled.stdout == ""
