@@ -1334,7 +1334,7 @@ secrets select selectors shlex shutil signal socket socketserver ssl stat string
 subprocess sys tempfile termios textwrap threading time traceback tty types typing
 unicodedata urllib uuid warnings weakref zlib posixpath fnmatch numbers operator pprint
 syslog resource contextvars inspect locale getopt optparse sched crypt zoneinfo
-sysconfig gzip zipfile hmac binascii urllib
+sysconfig gzip zipfile hmac binascii urllib marshal
 """.split())
 
 
