@@ -3592,6 +3592,7 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 RELEASE_AFTER_CLOSED = 1000  # connections closed since the peak before memory goes back
+COLLECT_AFTER_CLOSED = 100   # closed connections let pile up before a collection (more while more are open)
 # Looked up once, at start: a CDLL made per call is a new class, a cycle
 # that outlives the collection just run, made among what the burst freed.
 MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
@@ -3727,6 +3728,7 @@ class Server:
     def __init__(self, app, sock, where):
         self.app, self.sock, self.where = app, sock, where
         self.connections, self.accepted, self.waiting_hashes, self.peak, self.last_count = set(), 0, 0, 0, 0
+        self.closed_uncollected = 0
         self.draining = self.accepting = False
         self.owned_path = None  # a unix socket file to remove at exit
         self.loop = asyncio.new_event_loop()
@@ -3773,6 +3775,7 @@ class Server:
     def forget(self, connection):
         self.connections.discard(connection)
         self.accepted -= 1
+        self.closed_uncollected += 1
         if not self.accepting:
             self.listen(True)
 
@@ -3802,7 +3805,8 @@ class Server:
         Once RELEASE_AFTER_CLOSED connections closed since the peak, memory
         goes back when the drop is over (none open, or no fewer than at the
         last sweep): released in the middle of it, the transports of those
-        that closed after stayed uncollected (cycles) until the next drop."""
+        that closed after stayed uncollected (cycles) until the next drop.
+        Between drops, closed connections are collected as they pile up."""
         now = time.monotonic()
         for connection in [c for c in self.connections if c.deadline <= now and not c.busy]:
             connection.timed_out()
@@ -3812,8 +3816,21 @@ class Server:
             # a set never shrinks: a fresh one, not a table sized for the peak
             self.peak, self.connections = count, set(self.connections)
             release_memory()
+            self.closed_uncollected = 0
+        elif self.closed_uncollected > max(COLLECT_AFTER_CLOSED, count):
+            self.collect_closed()
         self.last_count = count
         self.loop.call_later(SWEEP_EVERY, self.sweep)
+
+    def collect_closed(self):
+        """Free the closed connections' transports (reference cycles). The
+        collector's own thresholds count objects allocated and not yet freed,
+        which a busy server's requests hardly add to: under a benchmark's mix,
+        closed connections piled up for minutes, 3 MiB in 12. Collecting once
+        more have closed than are open keeps the garbage under the live set,
+        at a cost that is constant per closed connection."""
+        gc.collect()
+        self.closed_uncollected = 0
 
     def stop(self, timeout):
         """Stop accepting, close idle connections, let requests in flight
@@ -3924,6 +3941,10 @@ def run_server(server, app, args):
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_server, server)
     release_memory()  # what reading the code and files at start left behind
+    # What is alive now lives as long as the server: frozen, the collector
+    # never scans it again (a full collection 2.4 ms -> under 0.1 ms). A reload
+    # replaces settings and users without cycles, so none of it leaks.
+    gc.freeze()
     server.listen(True)
     loop.call_soon(server.sweep)
     loop.call_later(1.0, watch)

@@ -1,6 +1,8 @@
 """The event-loop server: what one loop serving every connection must still
 guarantee (issue 11), and the login flood of the security review (issue 9,
 finding 3). Order of events, not durations, is what these tests assert."""
+import asyncio
+import gc
 import json
 import selectors
 import socket
@@ -8,11 +10,12 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import pytest
 
 import authd as A
-from conftest import AUTHD, Authd, Raw, clean_environ, fast_hash, proc_status, wait_until
+from conftest import AUTHD, SECRET, Authd, Raw, clean_environ, fast_hash, proc_status, wait_until
 
 PREFIX = "/__auth"
 CAROL_PW = "carol-password"
@@ -217,6 +220,85 @@ def test_memory_goes_back_once_a_drop_of_connections_is_over(monkeypatch):
         finally:
             server.loop.close()
             server.pool.shutdown()
+
+
+def test_closed_connections_are_collected_once_more_have_closed_than_are_open(monkeypatch):
+    """Collecting costs a scan of what is alive, so the sweep waits until the
+    closed outnumber the open (and COLLECT_AFTER_CLOSED): constant work per
+    closed connection, and never more closed than open left uncollected
+    (beyond the bound)."""
+    collected = []
+    monkeypatch.setattr(A.gc, "collect", lambda *_: collected.append(len(server.connections)))
+    with socket.socket() as sock:
+        server = A.Server(None, sock, "test")
+        try:
+            bound = A.COLLECT_AFTER_CLOSED
+            held = [Open() for _ in range(2 * bound + 50)]
+            half = len(held) // 2
+            server.connections.update(held)
+            server.sweep()
+
+            def close(connections, expected):
+                for c in connections:
+                    server.forget(c)
+                server.sweep()
+                assert collected == expected
+
+            close(held[:bound + 1], [])  # more than the bound closed, but fewer than are open
+            close(held[bound + 1:half], [])  # as many closed as open
+            close(held[half:half + 1], [half - 1])
+            close(held[half + 1:half + 1 + bound], [half - 1])  # few open: the bound
+            close(held[half + 1 + bound:], [half - 1, 0])
+        finally:
+            server.loop.close()
+            server.pool.shutdown()
+
+
+def in_process_app(tmp_path):
+    env_file = tmp_path / "empty.env"
+    env_file.write_text("")
+    settings, _ = A.load_settings(environ={"AUTH_TOKEN_SECRET": SECRET, "AUTH_USERS_FILE": str(tmp_path / "users")},
+                                  env_file=str(env_file))
+    return A.App(settings, [SECRET.encode()], A.UsersStore(str(tmp_path / "users")))
+
+
+def test_a_real_loop_frees_closed_connections_without_the_collectors_own_runs(tmp_path):
+    """A closed asyncio transport is a reference cycle, freed only by the
+    cycle collector, whose own runs are triggered by objects allocated and not
+    yet freed: a busy server's requests hardly add to that count. With those
+    runs off, the closed connections of a real loop are still freed."""
+    server = A.Server(in_process_app(tmp_path), socket.create_server(("127.0.0.1", 0)), "test")
+    port = server.sock.getsockname()[1]
+
+    def serve():
+        server.listen(True)
+        server.sweep()
+        server.loop.run_forever()
+
+    async def transports():
+        return [weakref.ref(c.transport) for c in server.connections]
+
+    thread = threading.Thread(target=serve, daemon=True)
+    gc.disable()
+    try:
+        thread.start()
+        clients = [Raw(port) for _ in range(A.COLLECT_AFTER_CLOSED + 20)]
+        for c in clients:
+            c.send(b"GET /__auth/healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert c.response().status == 200
+        refs = asyncio.run_coroutine_threadsafe(transports(), server.loop).result(10)
+        assert len(refs) == len(clients)
+        for c in clients:
+            c.close()
+        wait_until(lambda: not any(r() for r in refs), timeout=30,
+                   what=lambda: "%d of %d closed transports to be freed" % (sum(1 for r in refs if r()), len(refs)))
+    finally:
+        gc.enable()
+        server.loop.call_soon_threadsafe(server.loop.stop)
+        thread.join(10)
+        server.loop.close()
+        server.pool.shutdown()
+        server.sock.close()
 
 
 def test_pipelined_requests_wait_behind_a_login_and_keep_their_order(authd):
