@@ -118,6 +118,20 @@ def fast_hash(password, rounds=4):
     return scrypt.using(rounds=rounds).hash(password)
 
 
+def make_app(users_path, environ=None):
+    """authd's App in this process, with the test secret and USERS_PATH
+    (loaded if it exists), for tests that call it or its server directly."""
+    import authd as A
+    env_file = Path(users_path).parent / "empty.env"
+    env_file.write_text("")
+    settings, _ = A.load_settings(environ=dict({"AUTH_TOKEN_SECRET": SECRET, "AUTH_USERS_FILE": str(users_path)},
+                                              **(environ or {})), env_file=str(env_file))
+    store = A.UsersStore(str(users_path))
+    if Path(users_path).exists():
+        store.load()
+    return A.App(settings, [SECRET.encode()], store)
+
+
 def write_users(path, lines, mode=0o600):
     path = Path(path)
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")

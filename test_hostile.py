@@ -33,8 +33,8 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import authd as A
 from conftest import (AUTHD, HERE, HS256_HEADER, SECRET, Authd, Raw, Response, b64u, b64u_decode, clean_environ,
-                      compact, cookie_attrs, fast_hash, forge_jwt, need, proc_status, raw_request, wait_until,
-                      write_users)
+                      compact, cookie_attrs, fast_hash, forge_jwt, make_app, need, proc_status, raw_request,
+                      wait_until, write_users)
 
 PREFIX = "/__auth"
 ALICE_PW, BOB_PW = "alice-pw-Ö1", "bob-pw-2"
@@ -836,17 +836,6 @@ def test_app_rate_limiters_are_bounded(tmp_path):
         assert held < 64 << 20, "rate limiter holds %d MiB" % (held >> 20)
         # the newest addresses are the ones kept; an evicted one starts afresh
         assert "10.3.13.63" in limiter.entries and "10.0.0.0" not in limiter.entries
-
-
-def make_app(users_path, environ=None):
-    env_file = Path(users_path).parent / "empty.env"
-    env_file.write_text("")
-    settings, _ = A.load_settings(environ=dict({"AUTH_TOKEN_SECRET": SECRET, "AUTH_USERS_FILE": str(users_path)},
-                                              **(environ or {})), env_file=str(env_file))
-    store = A.UsersStore(str(users_path))
-    if Path(users_path).exists():
-        store.load()
-    return A.App(settings, [SECRET.encode()], store)
 
 
 def test_unknown_and_known_user_names_take_the_same_path(tmp_path, monkeypatch):

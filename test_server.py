@@ -15,7 +15,7 @@ import weakref
 import pytest
 
 import authd as A
-from conftest import AUTHD, SECRET, Authd, Raw, clean_environ, fast_hash, proc_status, wait_until
+from conftest import AUTHD, Authd, Raw, clean_environ, fast_hash, make_app, proc_status, wait_until
 
 PREFIX = "/__auth"
 CAROL_PW = "carol-password"
@@ -254,20 +254,12 @@ def test_closed_connections_are_collected_once_more_have_closed_than_are_open(mo
             server.pool.shutdown()
 
 
-def in_process_app(tmp_path):
-    env_file = tmp_path / "empty.env"
-    env_file.write_text("")
-    settings, _ = A.load_settings(environ={"AUTH_TOKEN_SECRET": SECRET, "AUTH_USERS_FILE": str(tmp_path / "users")},
-                                  env_file=str(env_file))
-    return A.App(settings, [SECRET.encode()], A.UsersStore(str(tmp_path / "users")))
-
-
 def test_a_real_loop_frees_closed_connections_without_the_collectors_own_runs(tmp_path):
     """A closed asyncio transport is a reference cycle, freed only by the
     cycle collector, whose own runs are triggered by objects allocated and not
     yet freed: a busy server's requests hardly add to that count. With those
     runs off, the closed connections of a real loop are still freed."""
-    server = A.Server(in_process_app(tmp_path), socket.create_server(("127.0.0.1", 0)), "test")
+    server = A.Server(make_app(tmp_path / "users"), socket.create_server(("127.0.0.1", 0)), "test")
     port = server.sock.getsockname()[1]
 
     def serve():
